@@ -1,0 +1,68 @@
+"""Server settings: defaults, then a YAML file (``--config``), then command-line flags."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dl_inference.errors import InvalidArgument
+
+CONTROL_MODES = ("none", "poll", "explicit")
+
+
+@dataclass
+class ServerSettings:
+    model_repository: str = ""
+    host: str = "0.0.0.0"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    model_control_mode: str = "none"
+    load_models: list[str] = field(default_factory=list)
+    repository_poll_secs: float = 15.0
+    # Largest request accepted on either transport; the default fits a 64 MiB tensor plus headers.
+    max_request_bytes: int = 96 * 1024 * 1024
+    max_json_depth: int = 64
+    load_timeout_s: float = 600.0
+    stop_grace_s: float = 10.0
+    log_level: str = "INFO"
+
+    def validate(self) -> None:
+        if not self.model_repository:
+            raise InvalidArgument("--model-repository is required")
+        if not Path(self.model_repository).is_dir():
+            raise InvalidArgument(f"model repository '{self.model_repository}' is not a directory")
+        if self.model_control_mode not in CONTROL_MODES:
+            raise InvalidArgument(
+                f"model control mode '{self.model_control_mode}' is not one of {', '.join(CONTROL_MODES)}"
+            )
+        if self.max_request_bytes <= 0:
+            raise InvalidArgument("max_request_bytes must be positive")
+        if self.repository_poll_secs <= 0:
+            raise InvalidArgument("repository_poll_secs must be positive")
+
+
+def load_settings(path: str | None, overrides: dict[str, Any]) -> ServerSettings:
+    """Settings from an optional YAML file, with ``overrides`` (non-None values) on top."""
+    values: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise InvalidArgument(f"cannot read server config {path}: {exc}") from None
+        if not isinstance(data, dict):
+            raise InvalidArgument(f"server config {path} must be a mapping")
+        known = {f.name for f in dataclasses.fields(ServerSettings)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InvalidArgument(f"server config {path}: unknown setting(s) {', '.join(unknown)}")
+        values.update(data)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    settings = ServerSettings(**values)
+    settings.validate()
+    return settings

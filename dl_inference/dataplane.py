@@ -1,0 +1,64 @@
+"""The one object both frontends (gRPC and HTTP) call. Frontends only convert data and map errors.
+
+The gateway implements it by routing to worker processes and remote nodes; a standalone worker
+implements it for its single model, so a worker, a gateway and a foreign V2 server are
+interchangeable endpoints.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+
+from dl_inference import __version__
+from dl_inference.errors import Unimplemented
+from dl_inference.protocol.generated import grpc_service_pb2 as pb
+from dl_inference.protocol.generated import model_config_pb2 as mc
+
+EXTENSIONS = ("binary_tensor_data", "statistics", "model_configuration", "model_repository", "schedule_policy")
+
+
+class DataPlane(abc.ABC):
+    """Server operations, transport-free. Version ``""`` means the model's latest ready version."""
+
+    server_name = "dl_inference"
+    extensions: tuple[str, ...] = EXTENSIONS
+
+    def live(self) -> bool:
+        return True
+
+    @abc.abstractmethod
+    def ready(self) -> bool: ...
+
+    @abc.abstractmethod
+    def model_ready(self, name: str, version: str) -> bool: ...
+
+    def server_metadata(self) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(
+            name=self.server_name, version=__version__, extensions=list(self.extensions)
+        )
+
+    @abc.abstractmethod
+    def model_metadata(self, name: str, version: str) -> pb.ModelMetadataResponse: ...
+
+    @abc.abstractmethod
+    def model_config(self, name: str, version: str) -> mc.ModelConfig: ...
+
+    @abc.abstractmethod
+    def model_statistics(self, name: str, version: str) -> pb.ModelStatisticsResponse: ...
+
+    @abc.abstractmethod
+    async def infer(self, payload: bytes, name: str, version: str) -> bytes:
+        """Run one serialized ModelInferRequest; return the serialized ModelInferResponse."""
+
+    async def repository_index(self, ready_only: bool) -> pb.RepositoryIndexResponse:
+        raise Unimplemented("this endpoint has no model repository")
+
+    async def load_model(self, name: str, parameters: Mapping[str, object]) -> None:
+        raise Unimplemented("this endpoint cannot load models")
+
+    async def unload_model(self, name: str) -> None:
+        raise Unimplemented("this endpoint cannot unload models")
+
+    def metrics_text(self) -> str:
+        return ""

@@ -1,0 +1,1 @@
+"""The gateway: frontends, routing to workers and nodes, and worker supervision."""

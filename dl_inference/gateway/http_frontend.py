@@ -1,0 +1,201 @@
+"""V2 HTTP/REST frontend (aiohttp) and the Prometheus metrics endpoint.
+
+Routes mirror KServe V2 / Triton. Errors are ``{"error": "..."}`` with the status from
+``errors.HTTP_STATUS``; live/ready answer 200 with an empty body, else 400 (as Triton does).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from dl_inference.dataplane import DataPlane
+from dl_inference.errors import InvalidArgument, ServerError
+from dl_inference.protocol.datatypes import element_size
+from dl_inference.protocol.generated import grpc_service_pb2 as pb
+from dl_inference.protocol.http_codec import parse_infer_request, render_error, render_infer_response
+from dl_inference.protocol.jsonview import to_json
+
+log = logging.getLogger(__name__)
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=json.dumps(data).encode(), status=status, content_type="application/json")
+
+
+def _error(message: str, status: int) -> web.Response:
+    return web.Response(body=render_error(message), status=status, content_type="application/json")
+
+
+def _flag(ok: bool) -> web.Response:
+    return web.Response(status=200 if ok else 400)
+
+
+class HttpFrontend:
+    def __init__(self, dp: DataPlane, max_request_bytes: int, max_json_depth: int = 64) -> None:
+        self.dp = dp
+        self.max_request_bytes = max_request_bytes
+        self.max_json_depth = max_json_depth
+        self.app = web.Application(client_max_size=max_request_bytes, middlewares=[self._errors])
+        r = self.app.router
+        r.add_get("/v2", self.server_metadata)
+        r.add_get("/v2/health/live", self.live)
+        r.add_get("/v2/health/ready", self.ready)
+        r.add_get("/v2/models/stats", self.stats)
+        r.add_post("/v2/repository/index", self.repository_index)
+        r.add_post("/v2/repository/models/{model}/load", self.load)
+        r.add_post("/v2/repository/models/{model}/unload", self.unload)
+        for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+            r.add_get(prefix, self.model_metadata)
+            r.add_get(prefix + "/ready", self.model_ready)
+            r.add_get(prefix + "/config", self.model_config)
+            r.add_get(prefix + "/stats", self.stats)
+            r.add_post(prefix + "/infer", self.infer)
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ServerError as exc:
+            return _error(exc.message, exc.http_status)
+        except web.HTTPRequestEntityTooLarge:
+            return _error(
+                f"request body exceeds the server's limit of {self.max_request_bytes} bytes "
+                f"(setting max_request_bytes)",
+                413,
+            )
+        except web.HTTPException as exc:
+            if exc.status >= 400:
+                return _error(exc.reason or str(exc), exc.status)
+            raise
+        except Exception as exc:
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            return _error(f"internal error: {exc}", 500)
+
+    @staticmethod
+    def _mv(request: web.Request) -> tuple[str, str]:
+        return request.match_info.get("model", ""), request.match_info.get("version", "")
+
+    async def server_metadata(self, request: web.Request) -> web.Response:
+        return _json(to_json(self.dp.server_metadata()))
+
+    async def live(self, request: web.Request) -> web.Response:
+        return _flag(self.dp.live())
+
+    async def ready(self, request: web.Request) -> web.Response:
+        return _flag(self.dp.ready())
+
+    async def model_ready(self, request: web.Request) -> web.Response:
+        return _flag(self.dp.model_ready(*self._mv(request)))
+
+    async def model_metadata(self, request: web.Request) -> web.Response:
+        return _json(to_json(self.dp.model_metadata(*self._mv(request))))
+
+    async def model_config(self, request: web.Request) -> web.Response:
+        return _json(to_json(self.dp.model_config(*self._mv(request))))
+
+    async def stats(self, request: web.Request) -> web.Response:
+        return _json(to_json(self.dp.model_statistics(*self._mv(request))))
+
+    async def _body_json(self, request: web.Request) -> dict[str, Any]:
+        body = await request.read()
+        if not body:
+            return {}
+        try:
+            data = json.loads(body)
+        except (ValueError, RecursionError) as exc:
+            raise InvalidArgument(f"malformed JSON body: {exc}") from None
+        if not isinstance(data, dict):
+            raise InvalidArgument("request body must be a JSON object")
+        return data
+
+    async def repository_index(self, request: web.Request) -> web.Response:
+        data = await self._body_json(request)
+        index = await self.dp.repository_index(bool(data.get("ready", False)))
+        return _json([to_json(m, defaults=False) for m in index.models])
+
+    async def load(self, request: web.Request) -> web.Response:
+        data = await self._body_json(request)
+        params = data.get("parameters", {})
+        if not isinstance(params, dict):
+            raise InvalidArgument("'parameters' must be a JSON object")
+        await self.dp.load_model(request.match_info["model"], params)
+        return web.Response(status=200)
+
+    async def unload(self, request: web.Request) -> web.Response:
+        await self.dp.unload_model(request.match_info["model"])
+        return web.Response(status=200)
+
+    def _raw_input(self, name: str, version: str, nbytes: int) -> tuple[str, str, list[int]]:
+        """Name/datatype/shape of the only input, for a header-less raw binary request."""
+        meta = self.dp.model_metadata(name, version)
+        if len(meta.inputs) != 1:
+            raise InvalidArgument(
+                f"a raw binary request (Inference-Header-Content-Length: 0) needs a model with exactly "
+                f"one input; model '{name}' has {len(meta.inputs)}"
+            )
+        tensor = meta.inputs[0]
+        shape = list(tensor.shape)
+        size = element_size(tensor.datatype)
+        unknown = [i for i, d in enumerate(shape) if d < 0]
+        if unknown and size is not None and len(unknown) == 1:
+            known = 1
+            for d in shape:
+                known *= d if d >= 0 else 1
+            if nbytes % (known * size):
+                raise InvalidArgument(
+                    f"input '{tensor.name}': {nbytes} bytes is not a whole number of {tensor.datatype} "
+                    f"elements of shape {shape}"
+                )
+            shape[unknown[0]] = nbytes // (known * size)
+        elif unknown:
+            raise InvalidArgument(
+                f"input '{tensor.name}' has shape {shape}; a raw binary request cannot say its shape"
+            )
+        return tensor.name, tensor.datatype, shape
+
+    async def infer(self, request: web.Request) -> web.Response:
+        name, version = self._mv(request)
+        body = await request.read()
+        header = request.headers.get(HEADER_LENGTH)
+        header_length = None
+        raw_input = None
+        if header is not None:
+            try:
+                header_length = int(header)
+            except ValueError:
+                raise InvalidArgument(f"{HEADER_LENGTH} must be an integer, got '{header}'") from None
+            if header_length < 0 or header_length > len(body):
+                raise InvalidArgument(
+                    f"{HEADER_LENGTH} {header_length} is outside the body's {len(body)} bytes"
+                )
+            if header_length == 0:
+                raw_input = self._raw_input(name, version, len(body))
+        infer_request, policy = parse_infer_request(
+            body, header_length, name, version, self.max_json_depth, raw_input=raw_input
+        )
+        reply = await self.dp.infer(infer_request.SerializeToString(), name, version)
+        out_body, json_length = render_infer_response(pb.ModelInferResponse.FromString(reply), policy)
+        if json_length is None:
+            return web.Response(body=out_body, content_type="application/json")
+        return web.Response(
+            body=out_body,
+            content_type="application/octet-stream",
+            headers={HEADER_LENGTH: str(json_length)},
+        )
+
+
+def metrics_app(dp: DataPlane) -> web.Application:
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(text=dp.metrics_text(), content_type="text/plain", charset="utf-8")
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    return app

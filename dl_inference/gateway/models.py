@@ -1,0 +1,62 @@
+"""What the gateway knows about each loaded model version: its config, instances, state, stats."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+
+from dl_inference.gateway.workers import WorkerInstance, WorkerSpec
+from dl_inference.protocol.generated import model_config_pb2 as mc
+from dl_inference.stats import ModelStats
+
+
+class State(enum.Enum):
+    LOADING = "LOADING"
+    READY = "READY"
+    UNAVAILABLE = "UNAVAILABLE"
+    UNLOADING = "UNLOADING"
+
+
+@dataclass
+class ModelVersion:
+    name: str
+    version: int
+    specs: list[WorkerSpec]
+    config: mc.ModelConfig | None = None
+    instances: list[WorkerInstance] = field(default_factory=list)
+    state: State = State.LOADING
+    reason: str = ""
+    stats: ModelStats = field(default_factory=ModelStats)
+    load_seconds: float = 0.0
+    _turn: itertools.count = field(default_factory=itertools.count)
+
+    @property
+    def ready(self) -> bool:
+        return self.state is State.READY and any(i.ready for i in self.instances)
+
+    def pick(self, exclude: set[WorkerInstance]) -> WorkerInstance | None:
+        """Least in-flight ready instance; ties go round-robin so equal instances share the load."""
+        candidates = [i for i in self.instances if i.ready and i not in exclude]
+        if not candidates:
+            return None
+        if len(candidates) == 1:
+            return candidates[0]
+        start = next(self._turn) % len(candidates)
+        best = None
+        for k in range(len(candidates)):
+            inst = candidates[(start + k) % len(candidates)]
+            if best is None or inst.inflight < best.inflight:
+                best = inst
+        return best
+
+
+@dataclass
+class Model:
+    name: str
+    fingerprint: str
+    versions: dict[int, ModelVersion] = field(default_factory=dict)
+
+    def latest_ready(self) -> ModelVersion | None:
+        ready = [v for v in self.versions.values() if v.ready]
+        return max(ready, key=lambda v: v.version) if ready else None

@@ -1,0 +1,400 @@
+"""The gateway's data plane: route V2 requests to model versions' worker instances; load/unload.
+
+Model control modes (Triton's): ``none`` loads every model at start; ``explicit`` loads/unloads only
+through the repository API (and ``--load-model`` at start); ``poll`` rescans the repository and
+(re)loads what changed, leaving the old version serving when the new one fails to load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from dl_inference.config import ServerSettings
+from dl_inference.dataplane import DataPlane
+from dl_inference.errors import (
+    CODE_FROM_WIRE,
+    Code,
+    InvalidArgument,
+    NotFound,
+    ServerError,
+    Unavailable,
+)
+from dl_inference.gateway.models import Model, ModelVersion, State
+from dl_inference.gateway.workers import LoadFailed, WorkerGone, WorkerInstance, WorkerPool, WorkerSpec
+from dl_inference.metrics import render_metrics
+from dl_inference.protocol.framing import Kind
+from dl_inference.protocol.generated import grpc_service_pb2 as pb
+from dl_inference.protocol.generated import model_config_pb2 as mc
+from dl_inference.protocol.model_info import model_metadata
+from dl_inference.repository.config import instance_kinds
+from dl_inference.repository.scan import ModelSource, scan_model, scan_repository, validate_model_name
+
+log = logging.getLogger(__name__)
+
+FAILURE_REASON = {
+    Code.INVALID_ARGUMENT: "REJECTED",
+    Code.NOT_FOUND: "REJECTED",
+    Code.RESOURCE_EXHAUSTED: "REJECTED",
+    Code.CANCELLED: "CANCELED",
+    Code.INTERNAL: "BACKEND",
+    Code.UNAVAILABLE: "BACKEND",
+}
+
+
+class GatewayDataPlane(DataPlane):
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.repository = Path(settings.model_repository).resolve()
+        self.pool = WorkerPool(self._on_worker_exit)
+        self.models: dict[str, Model] = {}
+        self.load_errors: dict[str, str] = {}
+        self._failed_fingerprints: dict[str, str] = {}
+        self._unloaded: set[str] = set()
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._started = False
+        self._closing = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.pool.start()
+        mode = self.settings.model_control_mode
+        if mode == "explicit":
+            names = list(self.settings.load_models)
+            sources, errors = {}, {}
+            for name in names:
+                try:
+                    sources[name] = await asyncio.to_thread(scan_model, self.repository, name)
+                except ServerError as exc:
+                    errors[name] = exc.message
+        else:
+            sources, errors = await asyncio.to_thread(scan_repository, self.repository)
+        for name, reason in errors.items():
+            log.error("model '%s' cannot be loaded: %s", name, reason)
+            self.load_errors[name] = reason
+        results = await asyncio.gather(*(self._load(s) for s in sources.values()), return_exceptions=True)
+        for source, result in zip(sources.values(), results):
+            if isinstance(result, BaseException):
+                log.error("model '%s' failed to load: %s", source.name, result)
+        self._started = True
+        if mode == "poll":
+            self._spawn_task(self._poll_loop())
+        log.info("ready: %s", ", ".join(sorted(self.models)) or "no models")
+
+    async def close(self) -> None:
+        self._closing = True
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*(self._retire(m) for m in list(self.models.values())), return_exceptions=True)
+        self.models.clear()
+        await self.pool.close()
+
+    def _spawn_task(self, coro: object) -> None:
+        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- loading --------------------------------------------------------------------------------
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    def _specs(self, source: ModelSource, version: int) -> list[WorkerSpec]:
+        specs = []
+        for index, (kind, gpu) in enumerate(instance_kinds(source.config)):
+            device = "gpu" if kind == "KIND_GPU" else "cpu"
+            specs.append(WorkerSpec(self.repository, source.name, version, index, device, gpu))
+        return specs
+
+    async def _start_version(self, mv: ModelVersion) -> None:
+        start = time.monotonic()
+        instances = [await self.pool.spawn(spec) for spec in mv.specs]
+        mv.instances = instances
+        results = await asyncio.gather(
+            *(self.pool.wait_ready(i, self.settings.load_timeout_s) for i in instances), return_exceptions=True
+        )
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            await self._stop_instances(mv)
+            raise LoadFailed(str(failures[0]))
+        first = results[0]
+        assert isinstance(first, mc.ModelConfig)
+        mv.config = first
+        mv.load_seconds = time.monotonic() - start
+        mv.state = State.READY
+
+    async def _load(self, source: ModelSource) -> None:
+        name = source.name
+        async with self._lock(name):
+            old = self.models.get(name)
+            versions = {v: ModelVersion(name, v, self._specs(source, v)) for v in source.versions}
+            if not versions:
+                raise InvalidArgument(f"model '{name}' has no version to load")
+            results = await asyncio.gather(
+                *(self._start_version(mv) for mv in versions.values()), return_exceptions=True
+            )
+            failed = [(mv, r) for mv, r in zip(versions.values(), results) if isinstance(r, BaseException)]
+            if failed:
+                for mv in versions.values():
+                    await self._stop_instances(mv)
+                reason = "; ".join(f"version {mv.version}: {r}" for mv, r in failed)
+                self.load_errors[name] = reason
+                self._failed_fingerprints[name] = source.fingerprint
+                if old is not None:
+                    log.error("new files of model '%s' failed to load; the loaded one keeps serving: %s",
+                              name, reason)
+                raise InvalidArgument(f"failed to load model '{name}': {reason}")
+            self.models[name] = Model(name, source.fingerprint, versions)
+            self.load_errors.pop(name, None)
+            self._failed_fingerprints.pop(name, None)
+            self._unloaded.discard(name)
+            log.info("model '%s' version(s) %s ready", name, ", ".join(map(str, sorted(versions))))
+        if old is not None:
+            self._spawn_task(self._retire(old))
+
+    async def _stop_instances(self, mv: ModelVersion) -> None:
+        for inst in mv.instances:
+            inst.stopping = True
+        await asyncio.gather(*(i.terminate(self.settings.stop_grace_s) for i in mv.instances))
+
+    async def _retire(self, model: Model) -> None:
+        """Stop routing to ``model``'s versions, let their in-flight requests finish, stop workers."""
+        for mv in model.versions.values():
+            mv.state = State.UNLOADING
+            for inst in mv.instances:
+                inst.stopping = True
+        deadline = time.monotonic() + self.settings.stop_grace_s
+        while time.monotonic() < deadline and any(
+            i.inflight for mv in model.versions.values() for i in mv.instances
+        ):
+            await asyncio.sleep(0.05)
+        await asyncio.gather(*(self._stop_instances(mv) for mv in model.versions.values()))
+
+    def _owner(self, inst: WorkerInstance) -> ModelVersion | None:
+        model = self.models.get(inst.spec.model)
+        mv = model.versions.get(inst.spec.version) if model else None
+        return mv if mv is not None and inst in mv.instances else None
+
+    def _on_worker_exit(self, inst: WorkerInstance, code: int) -> None:
+        if inst.stopping or self._closing:
+            return
+        mv = self._owner(inst)
+        if mv is None or mv.state is not State.READY:
+            return
+        log.error("worker %s died (exit %s); restarting it", inst.spec.label, code)
+        self._spawn_task(self._restart(mv, inst))
+
+    async def _restart(self, mv: ModelVersion, dead: WorkerInstance) -> None:
+        delay = 0.1
+        while not self._closing and mv.state is State.READY and dead in mv.instances:
+            if time.monotonic() - dead.started_at < 1.0:
+                await asyncio.sleep(delay)
+            new = await self.pool.spawn(dead.spec)
+            try:
+                await self.pool.wait_ready(new, self.settings.load_timeout_s)
+            except LoadFailed as exc:
+                log.error("restart of worker %s failed: %s; retrying in %.1f s", dead.spec.label, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            if mv.state is State.READY and dead in mv.instances:
+                mv.instances[mv.instances.index(dead)] = new
+                log.info("worker %s is back", new.spec.label)
+            else:
+                new.stopping = True
+                await new.terminate(self.settings.stop_grace_s)
+            return
+
+    # -- repository API -------------------------------------------------------------------------
+    async def load_model(self, name: str, parameters: Mapping[str, object]) -> None:
+        if self.settings.model_control_mode != "explicit":
+            raise InvalidArgument(
+                f"explicit model load/unload is not allowed in model control mode "
+                f"'{self.settings.model_control_mode}' (start the server with --model-control-mode explicit)"
+            )
+        validate_model_name(name)
+        source = await asyncio.to_thread(scan_model, self.repository, name)
+        await self._load(source)
+
+    async def unload_model(self, name: str) -> None:
+        if self.settings.model_control_mode != "explicit":
+            raise InvalidArgument(
+                f"explicit model load/unload is not allowed in model control mode "
+                f"'{self.settings.model_control_mode}'"
+            )
+        async with self._lock(name):
+            model = self.models.pop(name, None)
+            if model is None:
+                if name in self.load_errors or (self.repository / name).is_dir():
+                    return
+                raise NotFound(f"unknown model '{name}'")
+            self._unloaded.add(name)
+        await self._retire(model)
+
+    async def repository_index(self, ready_only: bool) -> pb.RepositoryIndexResponse:
+        names = await asyncio.to_thread(self._repository_names)
+        out = pb.RepositoryIndexResponse()
+        for name in sorted(set(names) | set(self.models)):
+            model = self.models.get(name)
+            if model is not None:
+                for v in sorted(model.versions):
+                    mv = model.versions[v]
+                    state = "READY" if mv.ready else "UNAVAILABLE" if mv.state is State.READY else mv.state.value
+                    if ready_only and state != "READY":
+                        continue
+                    reason = "" if state == "READY" else mv.reason or "no ready instance"
+                    out.models.add(name=name, version=str(v), state=state, reason=reason)
+            elif not ready_only:
+                if name in self.load_errors:
+                    out.models.add(name=name, state="UNAVAILABLE", reason=self.load_errors[name])
+                elif name in self._unloaded:
+                    out.models.add(name=name, state="UNAVAILABLE", reason="unloaded")
+                else:
+                    out.models.add(name=name)
+        return out
+
+    def _repository_names(self) -> list[str]:
+        try:
+            return [p.name for p in self.repository.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        except OSError:
+            return []
+
+    async def _poll_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.repository_poll_secs)
+            try:
+                await self.poll_once()
+            except Exception:
+                log.exception("repository poll failed")
+
+    async def poll_once(self) -> None:
+        sources, errors = await asyncio.to_thread(scan_repository, self.repository)
+        for name, reason in errors.items():
+            if self.load_errors.get(name) != reason:
+                log.error("model '%s' cannot be loaded: %s", name, reason)
+            self.load_errors[name] = reason
+        for name, source in sources.items():
+            current = self.models.get(name)
+            if current is not None and current.fingerprint == source.fingerprint:
+                continue
+            if self._failed_fingerprints.get(name) == source.fingerprint:
+                continue
+            try:
+                await self._load(source)
+            except ServerError as exc:
+                log.error("%s", exc.message)
+        for name in [n for n in self.models if n not in sources and n not in errors]:
+            log.info("model '%s' left the repository; unloading", name)
+            async with self._lock(name):
+                model = self.models.pop(name, None)
+            if model is not None:
+                await self._retire(model)
+
+    # -- health ---------------------------------------------------------------------------------
+    def ready(self) -> bool:
+        if not self._started or self._closing:
+            return False
+        if not self.models:
+            return self.settings.model_control_mode == "explicit"
+        return all(m.latest_ready() is not None for m in self.models.values())
+
+    def model_ready(self, name: str, version: str) -> bool:
+        try:
+            return self._route(name, version).ready
+        except ServerError:
+            return False
+
+    # -- routing --------------------------------------------------------------------------------
+    def _model(self, name: str) -> Model:
+        model = self.models.get(name)
+        if model is None:
+            if name in self.load_errors:
+                raise Unavailable(f"model '{name}' is not available: {self.load_errors[name]}")
+            raise NotFound(f"unknown model '{name}'" if name else "no model name given")
+        return model
+
+    def _version(self, model: Model, version: str) -> ModelVersion:
+        if not version:
+            mv = model.latest_ready()
+            if mv is None:
+                mv = max(model.versions.values(), key=lambda v: v.version)
+            return mv
+        try:
+            number = int(version)
+        except ValueError:
+            raise NotFound(f"model '{model.name}' has no version '{version}'") from None
+        mv = model.versions.get(number)
+        if mv is None:
+            loaded = ", ".join(map(str, sorted(model.versions)))
+            raise NotFound(f"model '{model.name}' has no version {version} loaded (loaded: {loaded})")
+        return mv
+
+    def _route(self, name: str, version: str) -> ModelVersion:
+        return self._version(self._model(name), version)
+
+    async def infer(self, payload: bytes, name: str, version: str) -> bytes:
+        start = time.monotonic_ns()
+        mv = self._route(name, version)
+        stats = mv.stats
+        stats.pending += 1
+        tried: set[WorkerInstance] = set()
+        try:
+            while True:
+                inst = mv.pick(tried)
+                if inst is None:
+                    why = "" if not tried else " (its worker died while running the request)"
+                    raise Unavailable(f"model '{name}' version {mv.version} has no ready instance{why}")
+                try:
+                    kind, code, exec_stats, body = await inst.infer(payload)
+                    break
+                except WorkerGone as exc:
+                    log.warning("re-sending a request of '%s': %s", name, exc)
+                    tried.add(inst)
+            if kind is Kind.ERROR:
+                raise ServerError(body.decode(errors="replace"), CODE_FROM_WIRE.get(code, Code.INTERNAL))
+        except ServerError as exc:
+            stats.record_failure(time.monotonic_ns() - start, FAILURE_REASON.get(exc.code, "OTHER"))
+            raise
+        except asyncio.CancelledError:
+            stats.record_failure(time.monotonic_ns() - start, "CANCELED")
+            raise
+        finally:
+            stats.pending -= 1
+        stats.record_success(time.monotonic_ns() - start, exec_stats)
+        return body
+
+    # -- metadata -------------------------------------------------------------------------------
+    def model_metadata(self, name: str, version: str) -> pb.ModelMetadataResponse:
+        model = self._model(name)
+        mv = self._version(model, version)
+        if mv.config is None:
+            raise Unavailable(f"model '{name}' version {mv.version} is not loaded yet")
+        versions = [str(v) for v in sorted(model.versions)] if not version else [str(mv.version)]
+        return model_metadata(mv.config, versions)
+
+    def model_config(self, name: str, version: str) -> mc.ModelConfig:
+        mv = self._route(name, version)
+        if mv.config is None:
+            raise Unavailable(f"model '{name}' version {mv.version} is not loaded yet")
+        return mv.config
+
+    def _selected(self, name: str, version: str) -> list[ModelVersion]:
+        if not name:
+            return [mv for m in self.models.values() for mv in m.versions.values()]
+        model = self._model(name)
+        if not version:
+            return list(model.versions.values())
+        return [self._version(model, version)]
+
+    def model_statistics(self, name: str, version: str) -> pb.ModelStatisticsResponse:
+        out = pb.ModelStatisticsResponse()
+        for mv in sorted(self._selected(name, version), key=lambda m: (m.name, m.version)):
+            out.model_stats.append(mv.stats.to_proto(mv.name, str(mv.version)))
+        return out
+
+    def metrics_text(self) -> str:
+        versions = [mv for m in self.models.values() for mv in m.versions.values()]
+        return render_metrics(versions)

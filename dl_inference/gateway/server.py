@@ -1,0 +1,54 @@
+"""Assemble and run the gateway: data plane, gRPC, HTTP and metrics listeners, signal handling."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from aiohttp import web
+
+from dl_inference.config import ServerSettings
+from dl_inference.gateway.http_frontend import HttpFrontend, metrics_app
+from dl_inference.gateway.router import GatewayDataPlane
+from dl_inference.grpc_frontend import GrpcServer
+
+log = logging.getLogger(__name__)
+
+
+async def _serve_http(app: web.Application, host: str, port: int, what: str) -> web.AppRunner:
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    await site.start()
+    log.info("%s listening on %s:%d", what, host, port)
+    return runner
+
+
+async def serve(settings: ServerSettings) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    dp = GatewayDataPlane(settings)
+    grpc_server = GrpcServer(dp, settings.host, settings.grpc_port, settings.max_request_bytes)
+    await grpc_server.start()
+    http = HttpFrontend(dp, settings.max_request_bytes, settings.max_json_depth)
+    runners = [await _serve_http(http.app, settings.host, settings.http_port, "HTTP")]
+    if settings.metrics_port:
+        runners.append(await _serve_http(metrics_app(dp), settings.host, settings.metrics_port, "metrics"))
+    # Listeners come up first so liveness answers while models load; readiness waits for them.
+    start = asyncio.create_task(dp.start())
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({start, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if not stop.is_set():
+        await stopped
+    log.info("shutting down")
+    start.cancel()
+    dp._closing = True
+    await grpc_server.stop(grace=settings.stop_grace_s)
+    for runner in runners:
+        await runner.cleanup()
+    await dp.close()
+    return 0

@@ -1,0 +1,218 @@
+"""Local worker processes as seen from the gateway: spawn, connect, forward, notice death, restart.
+
+Each :class:`WorkerInstance` is one process hosting one model instance. The gateway listens on a
+Unix socket; a spawned worker loads its model, connects, and introduces itself with HELLO and its
+token. Death is noticed from the process exit (``proc.wait()``) and from the socket closing,
+whichever comes first; every request the worker held is failed with :class:`WorkerGone` so the
+router can re-send it elsewhere or answer UNAVAILABLE. Nothing is left hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import secrets
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from dl_inference.protocol.framing import ExecStats, FrameProtocol, Kind, unpack_token
+from dl_inference.protocol.generated import model_config_pb2 as mc
+
+log = logging.getLogger(__name__)
+
+
+class WorkerGone(Exception):
+    """The worker holding a request went away before answering."""
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What to start: one instance of one model version."""
+
+    repository: Path
+    model: str
+    version: int
+    index: int
+    device: str = "cpu"
+    device_id: int | None = None
+    python: str = sys.executable
+
+    @property
+    def label(self) -> str:
+        return f"{self.model}:{self.version}#{self.index}"
+
+
+Reply = tuple[Kind, int, ExecStats, bytes]
+
+
+class WorkerInstance:
+    """One worker process and its framed connection."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.token = secrets.token_hex(8)
+        self.process: asyncio.subprocess.Process | None = None
+        self.proto: FrameProtocol | None = None
+        self.config: mc.ModelConfig | None = None
+        self.ready = False
+        self.stopping = False  # set when the gateway stops it on purpose: no restart
+        self.started_at = time.monotonic()
+        self.exited = asyncio.Event()
+        self.hello = asyncio.get_running_loop().create_future()  # -> config, or LoadFailed
+        self.pending: dict[int, asyncio.Future[Reply]] = {}
+        self._ids = itertools.count(1)
+
+    @property
+    def inflight(self) -> int:
+        return len(self.pending)
+
+    # -- data path ----------------------------------------------------------------------------
+    async def infer(self, payload: bytes) -> Reply:
+        proto = self.proto
+        if proto is None or not self.ready:
+            raise WorkerGone(f"worker {self.spec.label} is not ready")
+        rid = next(self._ids)
+        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self.pending[rid] = fut
+        if not proto.send(Kind.INFER, rid, payload):
+            del self.pending[rid]
+            raise WorkerGone(f"worker {self.spec.label} connection is closed")
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if self.pending.pop(rid, None) is not None:
+                proto.send(Kind.CANCEL, rid, b"")
+            raise
+
+    def on_frame(self, kind: Kind, rid: int, code: int, stats: ExecStats | None, payload: bytes) -> None:
+        fut = self.pending.pop(rid, None)
+        if fut is not None and not fut.done():
+            fut.set_result((kind, code, stats or ExecStats(), payload))
+
+    def mark_gone(self, why: str) -> None:
+        """Fail everything in flight; idempotent."""
+        self.ready = False
+        pending, self.pending = self.pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(WorkerGone(f"worker {self.spec.label} {why}"))
+        if self.proto is not None and self.proto.transport is not None:
+            self.proto.transport.close()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def terminate(self, grace: float) -> None:
+        proc = self.process
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self.exited.wait(), grace)
+        except asyncio.TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await self.exited.wait()
+
+
+class LoadFailed(Exception):
+    """A worker reported (or showed, by dying) that its model could not load."""
+
+
+class WorkerPool:
+    """Spawns workers and matches their connections; owns the gateway's Unix socket."""
+
+    def __init__(self, on_exit: Callable[[WorkerInstance, int], None]) -> None:
+        self._dir = tempfile.mkdtemp(prefix="dl_inference-")
+        self.socket_path = os.path.join(self._dir, "gateway.sock")
+        self._server: asyncio.AbstractServer | None = None
+        self._by_token: dict[str, WorkerInstance] = {}
+        self._on_exit = on_exit
+
+    async def start(self) -> None:
+        self._server = await asyncio.get_running_loop().create_unix_server(self._accept, self.socket_path)
+
+    def _accept(self) -> FrameProtocol:
+        proto = FrameProtocol(lambda *a: None, lambda exc: None)
+
+        def first_frame(kind: Kind, rid: int, code: int, stats: ExecStats | None, payload: bytes) -> None:
+            token, body = unpack_token(payload)
+            inst = self._by_token.get(token)
+            if inst is None or kind not in (Kind.HELLO, Kind.LOAD_FAILED):
+                log.warning("unknown worker connection (kind %s); closing", kind)
+                if proto.transport is not None:
+                    proto.transport.close()
+                return
+            if kind is Kind.LOAD_FAILED:
+                if not inst.hello.done():
+                    inst.hello.set_exception(LoadFailed(body.decode(errors="replace")))
+                return
+            config = mc.ModelConfig.FromString(body)
+            inst.proto = proto
+            inst.config = config
+            proto.on_frame = inst.on_frame
+            proto.on_lost = lambda exc: inst.mark_gone("closed its connection")
+            inst.ready = True
+            if not inst.hello.done():
+                inst.hello.set_result(config)
+
+        proto.on_frame = first_frame
+        return proto
+
+    async def spawn(self, spec: WorkerSpec) -> WorkerInstance:
+        inst = WorkerInstance(spec)
+        self._by_token[inst.token] = inst
+        cmd = [
+            spec.python, "-m", "dl_inference", "worker",
+            "--model-repository", str(spec.repository),
+            "--model", spec.model,
+            "--version", str(spec.version),
+            "--device", spec.device,
+            "--connect", self.socket_path,
+            "--token", inst.token,
+        ]  # fmt: skip
+        if spec.device_id is not None:
+            cmd += ["--device-id", str(spec.device_id)]
+        env = dict(os.environ)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        env["DL_INFERENCE_WORKER"] = spec.label
+        inst.process = await asyncio.create_subprocess_exec(*cmd, env=env, stdin=asyncio.subprocess.DEVNULL)
+        log.info("spawned worker %s (pid %d)", spec.label, inst.process.pid)
+        asyncio.get_running_loop().create_task(self._watch(inst))
+        return inst
+
+    async def _watch(self, inst: WorkerInstance) -> None:
+        assert inst.process is not None
+        code = await inst.process.wait()
+        self._by_token.pop(inst.token, None)
+        how = f"exited with code {code}" if code >= 0 else f"was killed by signal {-code}"
+        inst.mark_gone(how)
+        if not inst.hello.done():
+            inst.hello.set_exception(LoadFailed(f"worker {inst.spec.label} {how} while loading"))
+        inst.exited.set()
+        self._on_exit(inst, code)
+
+    async def wait_ready(self, inst: WorkerInstance, timeout: float) -> mc.ModelConfig:
+        """Wait for HELLO; raise LoadFailed on failure, death or timeout (the worker is then stopped)."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(inst.hello), timeout)
+        except asyncio.TimeoutError:
+            await inst.terminate(grace=2)
+            raise LoadFailed(f"worker {inst.spec.label} did not load within {timeout:.0f} s") from None
+        except LoadFailed:
+            await inst.terminate(grace=5)
+            raise
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.socket_path)
+            os.rmdir(self._dir)

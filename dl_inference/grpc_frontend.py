@@ -1,0 +1,176 @@
+"""V2 gRPC frontend (``inference.GRPCInferenceService``) plus grpc.health.v1 and reflection.
+
+ModelInfer is registered with identity (de)serializers: the request bytes go to the data plane
+untouched and the worker's response bytes come back untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from dl_inference.dataplane import DataPlane
+from dl_inference.errors import ServerError
+from dl_inference.protocol.generated import grpc_service_pb2 as pb
+from dl_inference.protocol.wire import route_fields, stream_response
+
+log = logging.getLogger(__name__)
+
+SERVICE = "inference.GRPCInferenceService"
+
+
+def _status(exc: ServerError) -> grpc.StatusCode:
+    return grpc.StatusCode[exc.code.name]
+
+
+def _unary(fn: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]], req_cls: Any) -> grpc.RpcMethodHandler:
+    async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await fn(request, context)
+        except ServerError as exc:
+            await context.abort(_status(exc), exc.message)
+
+    return grpc.unary_unary_rpc_method_handler(
+        handler,
+        request_deserializer=req_cls.FromString if req_cls is not None else None,
+        response_serializer=(lambda m: m.SerializeToString()) if req_cls is not None else None,
+    )
+
+
+def _unimplemented(name: str) -> grpc.RpcMethodHandler:
+    async def handler(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{name} is not supported by this server")
+        return b""
+
+    return grpc.unary_unary_rpc_method_handler(handler)
+
+
+def build_handler(dp: DataPlane) -> grpc.GenericRpcHandler:
+    async def server_live(req: pb.ServerLiveRequest, ctx: Any) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=dp.live())
+
+    async def server_ready(req: pb.ServerReadyRequest, ctx: Any) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=dp.ready())
+
+    async def model_ready(req: pb.ModelReadyRequest, ctx: Any) -> pb.ModelReadyResponse:
+        return pb.ModelReadyResponse(ready=dp.model_ready(req.name, req.version))
+
+    async def server_metadata(req: pb.ServerMetadataRequest, ctx: Any) -> pb.ServerMetadataResponse:
+        return dp.server_metadata()
+
+    async def model_metadata(req: pb.ModelMetadataRequest, ctx: Any) -> pb.ModelMetadataResponse:
+        return dp.model_metadata(req.name, req.version)
+
+    async def model_config(req: pb.ModelConfigRequest, ctx: Any) -> pb.ModelConfigResponse:
+        return pb.ModelConfigResponse(config=dp.model_config(req.name, req.version))
+
+    async def model_statistics(req: pb.ModelStatisticsRequest, ctx: Any) -> pb.ModelStatisticsResponse:
+        return dp.model_statistics(req.name, req.version)
+
+    async def model_infer(payload: bytes, ctx: Any) -> bytes:
+        name, version = route_fields(payload)
+        return await dp.infer(payload, name, version)
+
+    async def repository_index(req: pb.RepositoryIndexRequest, ctx: Any) -> pb.RepositoryIndexResponse:
+        return await dp.repository_index(req.ready)
+
+    async def repository_load(req: pb.RepositoryModelLoadRequest, ctx: Any) -> pb.RepositoryModelLoadResponse:
+        params = {k: getattr(v, v.WhichOneof("parameter_choice") or "string_param") for k, v in req.parameters.items()}
+        await dp.load_model(req.model_name, params)
+        return pb.RepositoryModelLoadResponse()
+
+    async def repository_unload(
+        req: pb.RepositoryModelUnloadRequest, ctx: Any
+    ) -> pb.RepositoryModelUnloadResponse:
+        await dp.unload_model(req.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+    async def stream_infer(requests: AsyncIterator[bytes], ctx: Any) -> AsyncIterator[bytes]:
+        async for payload in requests:
+            try:
+                name, version = route_fields(payload)
+                body = await dp.infer(payload, name, version)
+                yield stream_response(body, "")
+            except ServerError as exc:
+                yield stream_response(None, exc.message)
+
+    handlers: dict[str, grpc.RpcMethodHandler] = {
+        "ServerLive": _unary(server_live, pb.ServerLiveRequest),
+        "ServerReady": _unary(server_ready, pb.ServerReadyRequest),
+        "ModelReady": _unary(model_ready, pb.ModelReadyRequest),
+        "ServerMetadata": _unary(server_metadata, pb.ServerMetadataRequest),
+        "ModelMetadata": _unary(model_metadata, pb.ModelMetadataRequest),
+        "ModelConfig": _unary(model_config, pb.ModelConfigRequest),
+        "ModelStatistics": _unary(model_statistics, pb.ModelStatisticsRequest),
+        "ModelInfer": _unary(model_infer, None),
+        "RepositoryIndex": _unary(repository_index, pb.RepositoryIndexRequest),
+        "RepositoryModelLoad": _unary(repository_load, pb.RepositoryModelLoadRequest),
+        "RepositoryModelUnload": _unary(repository_unload, pb.RepositoryModelUnloadRequest),
+        "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(stream_infer),
+    }
+    for name in (
+        "SystemSharedMemoryStatus",
+        "SystemSharedMemoryRegister",
+        "SystemSharedMemoryUnregister",
+        "CudaSharedMemoryStatus",
+        "CudaSharedMemoryRegister",
+        "CudaSharedMemoryUnregister",
+        "TraceSetting",
+        "LogSettings",
+    ):
+        handlers[name] = _unimplemented(name)
+    return grpc.method_handlers_generic_handler(SERVICE, handlers)
+
+
+class GrpcServer:
+    """A grpc.aio server for one data plane, with health tracking the data plane's readiness."""
+
+    def __init__(self, dp: DataPlane, host: str, port: int, max_message_bytes: int) -> None:
+        self.dp = dp
+        options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", -1),
+            ("grpc.so_reuseport", 0),
+        ]
+        self.server = grpc.aio.server(options=options)
+        self.server.add_generic_rpc_handlers((build_handler(dp),))
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server,
+        )
+        self.address = f"{host}:{port}"
+        self.port = self.server.add_insecure_port(self.address)
+        if self.port == 0:
+            raise OSError(f"cannot bind gRPC port {self.address}")
+        self._watch: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.server.start()
+        self._watch = asyncio.create_task(self._track_health())
+        log.info("gRPC listening on %s", self.address)
+
+    async def _track_health(self) -> None:
+        serving = health_pb2.HealthCheckResponse.SERVING
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        last = None
+        while True:
+            status = serving if self.dp.ready() else not_serving
+            if status != last:
+                await self.health.set("", status)
+                await self.health.set(SERVICE, status)
+                last = status
+            await asyncio.sleep(0.25)
+
+    async def stop(self, grace: float) -> None:
+        if self._watch:
+            self._watch.cancel()
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)

@@ -1,0 +1,599 @@
+"""KServe V2 HTTP/REST JSON (with Triton's binary-data extension) <-> V2 protobuf messages.
+
+Used by the gateway's HTTP frontend, so it depends only on numpy, ml_dtypes and protobuf.
+
+Request side (:func:`parse_infer_request`): every input ends up in ``raw_input_contents``, whether
+it arrived as JSON ``data`` or as a binary slice, so workers see the same message as from gRPC.
+
+Decisions worth knowing:
+
+* JSON ``data`` may be flat or nested; nested data must be rectangular, and only its total element
+  count is compared with ``shape`` (as Triton does), not its nesting.
+* Numeric data goes through ``np.array`` in C. As a consequence JSON booleans mixed with numbers
+  in a numeric tensor are coerced to 0/1; a numeric tensor of *only* booleans is rejected, and a
+  BOOL tensor must hold only booleans. Integers are range-checked against the datatype; floats in
+  integer tensors are rejected; finite numbers that overflow FP16/FP32/BF16 are rejected.
+* Python's ``json`` accepts the non-standard tokens ``NaN``/``Infinity``/``-Infinity`` and they are
+  allowed in float tensors; symmetrically the response encoder writes non-finite floats as those
+  tokens (Python's default, which tritonclient's ``json.loads`` reads back), not as ``null``.
+* A BYTES output that is not valid UTF-8 cannot be JSON text, so it is switched to binary
+  (``parameters.binary_data_size``) automatically even when JSON was asked for.
+* ``binary_data_size`` / ``binary_data`` (per tensor) and ``binary_data_output`` (request) are
+  consumed here and not forwarded; all other parameters are forwarded as InferParameter.
+* Shared-memory inputs (``shared_memory_region``) are answered with Unimplemented.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from dl_inference.errors import InternalError, InvalidArgument, Unimplemented
+from dl_inference.protocol.datatypes import V2_DATATYPES, numpy_dtype
+from dl_inference.protocol.generated import grpc_service_pb2 as pb
+from dl_inference.protocol.tensors import (
+    _contents_to_numpy,
+    raw_to_numpy,
+    serialize_bytes_tensor,
+    set_parameter,
+    tensor_to_raw,
+)
+
+__all__ = [
+    "OutputPolicy",
+    "json_to_parameters",
+    "parameters_to_json",
+    "parse_infer_request",
+    "render_error",
+    "render_infer_response",
+]
+
+_FLOAT_TYPES = frozenset({"FP16", "FP32", "FP64", "BF16"})
+
+# A JSON string, unrolled-loop form (fast in `re`): quote, runs of plain chars and escapes, quote.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+# Every byte except the four bracket characters, for bytes.translate(None, delete=...).
+_NON_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+@dataclass
+class OutputPolicy:
+    """Which outputs the HTTP response should carry as binary data.
+
+    ``binary_data_output`` is the request-wide default (``parameters.binary_data_output``);
+    ``binary_outputs`` holds the per-output ``parameters.binary_data`` that override it.
+    """
+
+    binary_data_output: bool = False
+    binary_outputs: dict[str, bool] = field(default_factory=dict)
+
+    def is_binary(self, name: str) -> bool:
+        """True when output ``name`` should be sent as binary data."""
+        return self.binary_outputs.get(name, self.binary_data_output)
+
+
+# --------------------------------------------------------------------------------------------------
+# parameters
+# --------------------------------------------------------------------------------------------------
+
+
+def parameters_to_json(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Convert a protobuf ``map<string, InferParameter>`` into a JSON-ready dict (unset entries skipped)."""
+    out: dict[str, Any] = {}
+    for key, param in params.items():
+        which = param.WhichOneof("parameter_choice")
+        if which is not None:
+            out[key] = getattr(param, which)
+    return out
+
+
+def json_to_parameters(obj: Any, target: Any, context: str = "parameter") -> None:
+    """Copy a JSON ``parameters`` object into a protobuf ``map<string, InferParameter>``.
+
+    bool -> bool_param, int -> int64_param (uint64_param above INT64_MAX), float -> double_param,
+    str -> string_param; null, arrays and objects raise InvalidArgument naming ``context``.
+    """
+    if not isinstance(obj, dict):
+        raise InvalidArgument(f"{context}s must be a JSON object, got {_json_type(obj)}")
+    for key, value in obj.items():
+        set_parameter(target, key, value, context)
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def _fmt_shape(shape: list[int]) -> str:
+    return "[" + ",".join(str(d) for d in shape) + "]"
+
+
+def _check_json_depth(text: bytes, max_depth: int) -> None:
+    """Reject JSON whose array/object nesting exceeds ``max_depth``, without recursing.
+
+    Cheap upper bound first (total number of opening brackets); otherwise strip string literals and
+    take the running maximum of the bracket balance with numpy.
+    """
+    if text.count(b"[") + text.count(b"{") <= max_depth:
+        return
+    brackets = _JSON_STRING.sub(b"", text).translate(None, _NON_BRACKETS)
+    arr = np.frombuffer(brackets, dtype=np.uint8)
+    if arr.size == 0:
+        return
+    opens = (arr == 0x5B) | (arr == 0x7B)
+    delta = opens.astype(np.int32) * 2 - 1  # '[' '{' -> +1, ']' '}' -> -1
+    depth = int(np.cumsum(delta).max())
+    if depth > max_depth:
+        raise InvalidArgument(f"request JSON is nested {depth} levels deep, the limit is {max_depth}")
+
+
+def _load_json(header: bytes, max_json_depth: int) -> Any:
+    _check_json_depth(header, max_json_depth)
+    try:
+        text = header.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidArgument(f"request JSON is not valid UTF-8: {e}") from None
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise InvalidArgument(f"request JSON is nested too deeply (limit {max_json_depth})") from None
+    except ValueError as e:
+        raise InvalidArgument(f"malformed request JSON: {e}") from None
+
+
+def _get_str(obj: dict[str, Any], key: str, context: str, required: bool = True) -> str | None:
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise InvalidArgument(f"{context}: missing required field '{key}'")
+        return None
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{context}: '{key}' must be a string, got {_json_type(value)}")
+    return value
+
+
+def _parse_shape(value: Any, label: str) -> list[int]:
+    if value is None:
+        raise InvalidArgument(f"{label}: missing required field 'shape'")
+    if not isinstance(value, list):
+        raise InvalidArgument(f"{label}: 'shape' must be an array of integers, got {_json_type(value)}")
+    for d in value:
+        if type(d) is not int:
+            raise InvalidArgument(f"{label}: 'shape' must contain only integers, got {_json_type(d)} {d!r}")
+        if d < 0:
+            raise InvalidArgument(f"{label}: shape {_fmt_shape(value)} has a negative dimension")
+    return value
+
+
+def _parse_datatype(value: Any, label: str) -> str:
+    if value is None:
+        raise InvalidArgument(f"{label}: missing required field 'datatype'")
+    if not isinstance(value, str) or value not in V2_DATATYPES:
+        raise InvalidArgument(
+            f"{label}: unknown datatype {value!r}, expected one of {', '.join(V2_DATATYPES)}"
+        )
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
+# JSON data -> raw
+# --------------------------------------------------------------------------------------------------
+
+
+def _flatten_objects(data: list[Any], label: str) -> list[Any]:
+    """Row-major flat list of the leaves of rectangular nested ``data`` (slow, exact path)."""
+    try:
+        obj = np.array(data, dtype=np.object_)
+    except (ValueError, TypeError) as e:
+        raise InvalidArgument(f"{label}: 'data' is not a rectangular array: {e}") from None
+    flat = obj.ravel().tolist()
+    for value in flat:
+        if isinstance(value, list):
+            raise InvalidArgument(f"{label}: 'data' is not a rectangular array (ragged nesting)")
+    return flat
+
+
+def _range_error(label: str, datatype: str, value: Any) -> InvalidArgument:
+    info = np.iinfo(numpy_dtype(datatype))
+    return InvalidArgument(f"{label}: value {value} is out of range for {datatype} [{info.min}, {info.max}]")
+
+
+def _slow_numeric(data: list[Any], datatype: str, dtype: np.dtype, label: str) -> np.ndarray:
+    """Validate every element in Python; used only when numpy's fast inference did not fit."""
+    flat = _flatten_objects(data, label)
+    if datatype == "BOOL":
+        for v in flat:
+            if not isinstance(v, bool):
+                raise InvalidArgument(f"{label}: BOOL data must be JSON booleans, got {_json_type(v)} {v!r}")
+        return np.array(flat, dtype=dtype)
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        for v in flat:
+            if type(v) is not int:
+                raise InvalidArgument(f"{label}: {datatype} data must be integers, got {_json_type(v)} {v!r}")
+            if v < info.min or v > info.max:
+                raise _range_error(label, datatype, v)
+        return np.array(flat, dtype=dtype)
+    floats: list[float] = []
+    for v in flat:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise InvalidArgument(f"{label}: {datatype} data must be numbers, got {_json_type(v)} {v!r}")
+        try:
+            floats.append(float(v))
+        except OverflowError:
+            raise InvalidArgument(f"{label}: value {v} is out of range for {datatype}") from None
+    return _to_float(np.array(floats, dtype=np.float64), datatype, dtype, label)
+
+
+def _to_float(arr: np.ndarray, datatype: str, dtype: np.dtype, label: str) -> np.ndarray:
+    if arr.dtype.kind in "iu":
+        arr = arr.astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = arr.astype(dtype)
+    if datatype != "FP64" and out.size:
+        inf_out = np.isinf(out.astype(np.float32) if datatype == "BF16" else out)
+        if inf_out.any():
+            bad = inf_out & ~np.isinf(arr)
+            if bad.any():
+                value = arr[np.argmax(bad)]
+                raise InvalidArgument(f"{label}: value {value} is out of range for {datatype}")
+    return out
+
+
+def _json_numeric(data: list[Any], datatype: str, label: str) -> np.ndarray:
+    """JSON ``data`` -> flat numpy array of ``datatype`` (fast path through ``np.array``)."""
+    dtype = numpy_dtype(datatype)
+    try:
+        arr = np.array(data)
+    except (ValueError, TypeError, OverflowError):
+        return _slow_numeric(data, datatype, dtype, label)  # reports ragged data precisely
+    arr = arr.ravel()
+    kind = arr.dtype.kind
+    if arr.size == 0:
+        return np.empty(0, dtype=dtype)
+    if datatype == "BOOL":
+        return arr if kind == "b" else _slow_numeric(data, datatype, dtype, label)
+    if dtype.kind in "iu":
+        if kind not in "iu":
+            return _slow_numeric(data, datatype, dtype, label)
+        info = np.iinfo(dtype)
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < info.min:
+            raise _range_error(label, datatype, lo)
+        if hi > info.max:
+            raise _range_error(label, datatype, hi)
+        return arr.astype(dtype, copy=False)
+    if kind not in "iuf":
+        return _slow_numeric(data, datatype, dtype, label)
+    return _to_float(arr, datatype, dtype, label)
+
+
+def _json_data_to_raw(data: Any, datatype: str, shape: list[int], label: str) -> bytes:
+    if not isinstance(data, list):
+        raise InvalidArgument(f"{label}: 'data' must be an array, got {_json_type(data)}")
+    count = math.prod(shape)
+    if datatype == "BYTES":
+        flat = _flatten_objects(data, label)
+        for v in flat:
+            if not isinstance(v, str):
+                raise InvalidArgument(f"{label}: BYTES data must be JSON strings, got {_json_type(v)} {v!r}")
+        _check_count(len(flat), count, datatype, shape, label)
+        return serialize_bytes_tensor(np.array(flat, dtype=np.object_))
+    arr = _json_numeric(data, datatype, label)
+    _check_count(arr.size, count, datatype, shape, label)
+    return arr.tobytes()
+
+
+def _check_count(n: int, count: int, datatype: str, shape: list[int], label: str) -> None:
+    if n != count:
+        raise InvalidArgument(
+            f"{label}: expected {count} elements for shape {_fmt_shape(shape)} {datatype}, got {n} in 'data'"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# request
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_infer_request(
+    body: bytes,
+    header_length: int | None,
+    model_name: str,
+    model_version: str,
+    max_json_depth: int = 64,
+    raw_input: tuple[str, str, list[int]] | None = None,
+) -> tuple[pb.ModelInferRequest, OutputPolicy]:
+    """Parse an HTTP infer request body into a ModelInferRequest (all inputs raw) and an OutputPolicy.
+
+    ``header_length`` is the ``Inference-Header-Content-Length`` header: None means the body is
+    all JSON; N > 0 means the JSON is ``body[:N]`` and inputs with ``parameters.binary_data_size``
+    take consecutive slices of the rest, which must be used up exactly; 0 means the whole body is
+    the single input described by ``raw_input`` = (name, datatype, shape), with all outputs binary.
+    Raises InvalidArgument for anything malformed.
+    """
+    body = bytes(body) if not isinstance(body, bytes) else body
+    request = pb.ModelInferRequest(model_name=model_name, model_version=model_version)
+    policy = OutputPolicy()
+
+    if header_length is not None:
+        if isinstance(header_length, bool) or not isinstance(header_length, int) or header_length < 0:
+            raise InvalidArgument(
+                f"Inference-Header-Content-Length must be a non-negative integer, got {header_length!r}"
+            )
+        if header_length > len(body):
+            raise InvalidArgument(
+                f"Inference-Header-Content-Length {header_length} exceeds the request body size {len(body)}"
+            )
+        if header_length == 0:
+            return _parse_raw_request(body, request, policy, raw_input), policy
+        header = body[:header_length]
+        binary = memoryview(body)[header_length:]
+    else:
+        header = body
+        binary = memoryview(b"")
+
+    root = _load_json(header, max_json_depth)
+    if not isinstance(root, dict):
+        raise InvalidArgument(f"request JSON must be an object, got {_json_type(root)}")
+
+    request_id = _get_str(root, "id", "request", required=False)
+    if request_id is not None:
+        request.id = request_id
+
+    params = root.get("parameters")
+    if params is not None:
+        if not isinstance(params, dict):
+            raise InvalidArgument(f"request 'parameters' must be a JSON object, got {_json_type(params)}")
+        params = dict(params)
+        bdo = params.pop("binary_data_output", None)
+        if bdo is not None:
+            if not isinstance(bdo, bool):
+                raise InvalidArgument(
+                    f"request parameter 'binary_data_output' must be a boolean, got {_json_type(bdo)}"
+                )
+            policy.binary_data_output = bdo
+        json_to_parameters(params, request.parameters, "request parameter")
+
+    inputs = root.get("inputs")
+    if inputs is None:
+        raise InvalidArgument("request: missing required field 'inputs'")
+    if not isinstance(inputs, list):
+        raise InvalidArgument(f"request 'inputs' must be an array, got {_json_type(inputs)}")
+
+    offset = 0
+    available = len(binary)
+    seen: set[str] = set()
+    for index, item in enumerate(inputs):
+        if not isinstance(item, dict):
+            raise InvalidArgument(f"input at position {index} must be a JSON object, got {_json_type(item)}")
+        name = _get_str(item, "name", f"input at position {index}")
+        assert name is not None
+        label = f"input '{name}'"
+        if name in seen:
+            raise InvalidArgument(f"{label} is given more than once")
+        seen.add(name)
+        datatype = _parse_datatype(item.get("datatype"), label)
+        shape = _parse_shape(item.get("shape"), label)
+
+        tensor = request.inputs.add()
+        tensor.name = name
+        tensor.datatype = datatype
+        tensor.shape.extend(shape)
+
+        size: Any = None
+        in_params = item.get("parameters")
+        if in_params is not None:
+            if not isinstance(in_params, dict):
+                raise InvalidArgument(
+                    f"{label}: 'parameters' must be a JSON object, got {_json_type(in_params)}"
+                )
+            in_params = dict(in_params)
+            size = in_params.pop("binary_data_size", None)
+            in_params.pop("binary_data", None)
+            if "shared_memory_region" in in_params:
+                raise Unimplemented(f"{label}: shared-memory inputs are not supported over HTTP")
+            json_to_parameters(in_params, tensor.parameters, f"{label} parameter")
+
+        data = item.get("data")
+        if size is not None:
+            if data is not None:
+                raise InvalidArgument(f"{label}: has both 'data' and parameters.binary_data_size")
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise InvalidArgument(
+                    f"{label}: binary_data_size must be a non-negative integer, "
+                    f"got {_json_type(size)} {size!r}"
+                )
+            if header_length is None:
+                raise InvalidArgument(
+                    f"{label}: binary_data_size given but the request has no Inference-Header-Content-Length"
+                )
+            if offset + size > available:
+                raise InvalidArgument(
+                    f"{label}: binary_data_size {size} runs past the end of the binary data "
+                    f"({available - offset} bytes left after the JSON header and earlier inputs)"
+                )
+            chunk = binary[offset : offset + size]
+            offset += size
+            _check_binary_size(chunk.nbytes, datatype, shape, label)
+            request.raw_input_contents.append(bytes(chunk))
+        elif data is not None:
+            request.raw_input_contents.append(_json_data_to_raw(data, datatype, shape, label))
+        else:
+            raise InvalidArgument(f"{label}: has neither 'data' nor parameters.binary_data_size")
+
+    if offset != available:
+        raise InvalidArgument(
+            f"binary data sizes of the inputs add up to {offset} bytes but {available} bytes follow "
+            f"the JSON header"
+        )
+
+    outputs = root.get("outputs")
+    if outputs is not None:
+        if not isinstance(outputs, list):
+            raise InvalidArgument(f"request 'outputs' must be an array, got {_json_type(outputs)}")
+        seen_out: set[str] = set()
+        for index, item in enumerate(outputs):
+            if not isinstance(item, dict):
+                raise InvalidArgument(
+                    f"output at position {index} must be a JSON object, got {_json_type(item)}"
+                )
+            name = _get_str(item, "name", f"output at position {index}")
+            assert name is not None
+            label = f"output '{name}'"
+            if name in seen_out:
+                raise InvalidArgument(f"{label} is requested more than once")
+            seen_out.add(name)
+            out = request.outputs.add()
+            out.name = name
+            out_params = item.get("parameters")
+            if out_params is not None:
+                if not isinstance(out_params, dict):
+                    raise InvalidArgument(
+                        f"{label}: 'parameters' must be a JSON object, got {_json_type(out_params)}"
+                    )
+                out_params = dict(out_params)
+                binary_flag = out_params.pop("binary_data", None)
+                if binary_flag is not None:
+                    if not isinstance(binary_flag, bool):
+                        raise InvalidArgument(
+                            f"{label}: parameter 'binary_data' must be a boolean, "
+                            f"got {_json_type(binary_flag)}"
+                        )
+                    policy.binary_outputs[name] = binary_flag
+                json_to_parameters(out_params, out.parameters, f"{label} parameter")
+    return request, policy
+
+
+def _check_binary_size(nbytes: int, datatype: str, shape: list[int], label: str) -> None:
+    """Fixed-size types: the binary slice must be exactly prod(shape) * itemsize bytes."""
+    if datatype == "BYTES":
+        return  # element framing is validated by the worker's decoder
+    expected = math.prod(shape) * numpy_dtype(datatype).itemsize
+    if nbytes != expected:
+        raise InvalidArgument(
+            f"{label}: expected {expected} bytes for shape {_fmt_shape(shape)} {datatype}, got {nbytes}"
+        )
+
+
+def _parse_raw_request(
+    body: bytes,
+    request: pb.ModelInferRequest,
+    policy: OutputPolicy,
+    raw_input: tuple[str, str, list[int]] | None,
+) -> pb.ModelInferRequest:
+    if raw_input is None:
+        raise InvalidArgument(
+            "raw binary request (Inference-Header-Content-Length: 0) needs a model with exactly one "
+            "input of known name, datatype and shape"
+        )
+    name, datatype, shape = raw_input
+    label = f"input '{name}'"
+    datatype = _parse_datatype(datatype, label)
+    shape = _parse_shape(list(shape), label)
+    _check_binary_size(len(body), datatype, shape, label)
+    tensor = request.inputs.add()
+    tensor.name = name
+    tensor.datatype = datatype
+    tensor.shape.extend(shape)
+    request.raw_input_contents.append(body)
+    policy.binary_data_output = True
+    return request
+
+
+# --------------------------------------------------------------------------------------------------
+# response
+# --------------------------------------------------------------------------------------------------
+
+
+def _array_to_json_data(arr: np.ndarray, datatype: str) -> list[Any] | None:
+    """Flat JSON-ready list; None when a BYTES element is not valid UTF-8."""
+    flat = arr.ravel()
+    if datatype == "BYTES":
+        try:
+            return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in flat.tolist()]
+        except UnicodeDecodeError:
+            return None
+    if datatype == "BF16":
+        return flat.astype(np.float32).tolist()
+    return flat.tolist()
+
+
+def render_infer_response(response: pb.ModelInferResponse, policy: OutputPolicy) -> tuple[bytes, int | None]:
+    """Encode a ModelInferResponse as the HTTP body: returns ``(body, json_header_length)``.
+
+    ``json_header_length`` is None when no output is binary (the body is plain JSON); otherwise it
+    is the value for ``Inference-Header-Content-Length`` and the binary outputs follow the JSON in
+    output order. BYTES outputs that are not valid UTF-8 are sent binary regardless of ``policy``.
+    """
+    result: dict[str, Any] = {"model_name": response.model_name, "model_version": response.model_version}
+    if response.id:
+        result["id"] = response.id
+    if response.parameters:
+        result["parameters"] = parameters_to_json(response.parameters)
+    raws = response.raw_output_contents
+    n_out = len(response.outputs)
+    if raws and len(raws) != n_out:
+        raise InternalError(f"response has {len(raws)} raw_output_contents entries for {n_out} outputs")
+    buffers: list[bytes] = []
+    json_outputs: list[dict[str, Any]] = []
+    for i, tensor in enumerate(response.outputs):
+        name = tensor.name
+        datatype = tensor.datatype
+        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(tensor.shape)}
+        params = parameters_to_json(tensor.parameters) if tensor.parameters else {}
+        raw: bytes | None = raws[i] if raws else None
+        binary = policy.is_binary(name)
+        if not binary:
+            if raw is not None:
+                arr = raw_to_numpy(raw, datatype, tensor.shape, name, "output")
+            else:
+                arr = _contents_to_numpy(tensor, f"output '{name}'")
+            data = _array_to_json_data(arr, datatype)
+            if data is None:
+                binary = True
+                if raw is None:
+                    raw = tensor_to_raw(arr, datatype)
+            else:
+                entry["data"] = data
+        elif raw is None:
+            raw = tensor_to_raw(_contents_to_numpy(tensor, f"output '{name}'"), datatype)
+        if binary:
+            assert raw is not None
+            params["binary_data_size"] = len(raw)
+            buffers.append(raw)
+        if params:
+            entry["parameters"] = params
+        json_outputs.append(entry)
+    result["outputs"] = json_outputs
+    header = json.dumps(result, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    if not buffers:
+        return header, None
+    return b"".join([header, *buffers]), len(header)
+
+
+def render_error(message: str) -> bytes:
+    """The HTTP error body ``{"error": message}`` as UTF-8 JSON."""
+    return json.dumps({"error": message}, ensure_ascii=False).encode("utf-8")

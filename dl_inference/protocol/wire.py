@@ -1,0 +1,84 @@
+"""Just enough protobuf wire-format reading to route a ``ModelInferRequest`` without decoding it.
+
+The gateway forwards the client's request bytes to a worker unchanged; to pick the worker it needs
+only ``model_name`` (field 1) and ``model_version`` (field 2). Parsing the whole message would copy
+every tensor, so this walks the top-level fields and skips the rest.
+"""
+
+from __future__ import annotations
+
+from dl_inference.errors import InvalidArgument
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    result = 0
+    shift = 0
+    while True:
+        if pos >= len(buf):
+            raise InvalidArgument("malformed ModelInferRequest: truncated varint")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise InvalidArgument("malformed ModelInferRequest: varint too long")
+
+
+def route_fields(buf: bytes) -> tuple[str, str]:
+    """(model_name, model_version) of a serialized ModelInferRequest; last occurrence wins."""
+    name = b""
+    version = b""
+    pos = 0
+    end = len(buf)
+    while pos < end:
+        tag, pos = _varint(buf, pos)
+        field, wire_type = tag >> 3, tag & 7
+        if wire_type == 2:
+            length, pos = _varint(buf, pos)
+            stop = pos + length
+            if stop > end:
+                raise InvalidArgument("malformed ModelInferRequest: field runs past the end")
+            if field == 1:
+                name = buf[pos:stop]
+            elif field == 2:
+                version = buf[pos:stop]
+            pos = stop
+        elif wire_type == 0:
+            _, pos = _varint(buf, pos)
+        elif wire_type == 1:
+            pos += 8
+        elif wire_type == 5:
+            pos += 4
+        else:
+            raise InvalidArgument(f"malformed ModelInferRequest: wire type {wire_type}")
+        if pos > end:
+            raise InvalidArgument("malformed ModelInferRequest: field runs past the end")
+    try:
+        return name.decode(), version.decode()
+    except UnicodeDecodeError:
+        raise InvalidArgument("malformed ModelInferRequest: model name is not UTF-8") from None
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def stream_response(response: bytes | None, error_message: str) -> bytes:
+    """Serialize ``ModelStreamInferResponse{error_message=1, infer_response=2}`` around raw bytes."""
+    out = b""
+    if error_message:
+        msg = error_message.encode()
+        out += b"\x0a" + _encode_varint(len(msg)) + msg
+    if response is not None:
+        out += b"\x12" + _encode_varint(len(response)) + response
+    return out

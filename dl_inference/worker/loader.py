@@ -1,0 +1,54 @@
+"""Load one model version into a backend, the same way for gateway-spawned and standalone workers."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from dl_inference.backends.base import get_backend
+from dl_inference.errors import NotFound
+from dl_inference.protocol.generated import model_config_pb2 as mc
+from dl_inference.repository.config import backend_name, load_model_config, validate_config
+from dl_inference.repository.scan import resolve_inside, validate_model_name
+from dl_inference.repository.versions import list_versions, select_versions
+from dl_inference.worker.runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    runner: ModelRunner
+    config: mc.ModelConfig
+    version: int
+    load_seconds: float
+
+
+def load_model_version(
+    repository: Path, name: str, version: int | None, device: str = "cpu", device_id: int | None = None
+) -> LoadedModel:
+    """Read the model's config, pick the version (latest by policy if None), load its backend."""
+    start = time.monotonic()
+    validate_model_name(name)
+    model_dir = resolve_inside(repository, name)
+    if not model_dir.is_dir():
+        raise NotFound(f"model '{name}' is not in repository {repository}")
+    config = load_model_config(model_dir)
+    available = list_versions(model_dir)
+    if version is None:
+        selected = select_versions(available, config.version_policy)
+        if not selected:
+            raise NotFound(f"model '{name}' has no version directory in {model_dir}")
+        version = max(selected)
+    if version not in available:
+        raise NotFound(f"model '{name}' has no version {version} in {model_dir}")
+    version_dir = available[version]
+    backend = get_backend(backend_name(config, version_dir))
+    completed = backend.load(version_dir, config, device, device_id)
+    validate_config(completed)
+    runner = ModelRunner(backend, completed, str(version))
+    took = time.monotonic() - start
+    log.info("loaded model '%s' version %d on %s in %.2f s", name, version, device, took)
+    return LoadedModel(runner, completed, version, took)

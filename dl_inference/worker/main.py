@@ -1,0 +1,129 @@
+"""Worker process entry point: load one model instance, then serve it.
+
+Spawned by the gateway with ``--connect SOCKET --token T``: the worker loads its model, connects to
+the gateway's Unix socket and says HELLO (or LOAD_FAILED with the reason), then serves framed
+requests until the gateway goes away. With ``--grpc-port`` it also (or only) serves V2 gRPC, so it
+can be a standalone node behind another gateway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+from pathlib import Path
+
+from dl_inference.errors import WIRE_CODE, ServerError
+from dl_inference.protocol.framing import ExecStats, FrameProtocol, Kind, pack_token
+from dl_inference.worker.executor import InstanceExecutor
+from dl_inference.worker.loader import LoadedModel, load_model_version
+
+log = logging.getLogger(__name__)
+
+
+class GatewayLink:
+    """The worker's end of the framed connection to its gateway."""
+
+    def __init__(self, executor: InstanceExecutor, closed: asyncio.Event) -> None:
+        self.executor = executor
+        self.closed = closed
+        self.proto = FrameProtocol(self._on_frame, self._on_lost)
+
+    def _on_frame(self, kind: Kind, rid: int, code: int, stats: ExecStats | None, payload: bytes) -> None:
+        if kind is Kind.INFER:
+            self.executor.submit(rid, payload, self._reply)
+        elif kind is Kind.CANCEL:
+            self.executor.cancel(rid)
+        else:
+            log.warning("unexpected frame kind %s from gateway", kind)
+
+    def _reply(self, rid: int, body: bytes | None, stats: ExecStats, error: ServerError | None) -> None:
+        if error is None:
+            assert body is not None
+            self.proto.send(Kind.RESULT, rid, body, stats=stats)
+        else:
+            self.proto.send(Kind.ERROR, rid, error.message.encode(), WIRE_CODE[error.code], stats)
+
+    def _on_lost(self, exc: Exception | None) -> None:
+        log.info("gateway connection closed; worker exits")
+        self.closed.set()
+
+
+async def _report_failure(socket_path: str, token: str, reason: str) -> None:
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+    transport, proto = await loop.create_unix_connection(
+        lambda: FrameProtocol(lambda *a: None, lambda e: done.set()), socket_path
+    )
+    proto.send(Kind.LOAD_FAILED, 0, pack_token(token, reason.encode()))
+    transport.close()
+    await asyncio.wait_for(done.wait(), 5)
+
+
+async def run_worker(args: argparse.Namespace) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        loaded: LoadedModel = await loop.run_in_executor(
+            None,
+            load_model_version,
+            Path(args.model_repository),
+            args.model,
+            args.version,
+            args.device,
+            args.device_id,
+        )
+    except Exception as exc:
+        reason = exc.message if isinstance(exc, ServerError) else f"{type(exc).__name__}: {exc}"
+        log.error("model '%s' failed to load: %s", args.model, reason)
+        if args.connect:
+            await _report_failure(args.connect, args.token, reason)
+        return 3
+
+    executor = InstanceExecutor(loaded.runner, loop)
+    waits = [asyncio.create_task(stop.wait())]
+    grpc_server = None
+    if args.connect:
+        link = GatewayLink(executor, stop)
+        await loop.create_unix_connection(lambda: link.proto, args.connect)
+        link.proto.send(Kind.HELLO, 0, pack_token(args.token, loaded.config.SerializeToString()))
+    if args.grpc_port is not None:
+        from dl_inference.grpc_frontend import GrpcServer
+        from dl_inference.worker.dataplane import WorkerDataPlane
+
+        dp = WorkerDataPlane(loaded, executor)
+        grpc_server = GrpcServer(dp, args.host, args.grpc_port, args.max_request_bytes)
+        await grpc_server.start()
+        log.info("worker for '%s' serving V2 gRPC on %s:%d", args.model, args.host, grpc_server.port)
+    await asyncio.wait(waits)
+    if grpc_server is not None:
+        await grpc_server.stop(grace=5)
+    executor.close()
+    loaded.runner.backend.unload()
+    return 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-repository", required=True, help="model repository directory")
+    p.add_argument("--model", required=True, help="model name (directory in the repository)")
+    p.add_argument("--version", type=int, default=None, help="version to serve (default: latest by policy)")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--device-id", type=int, default=None)
+    p.add_argument("--connect", default=None, help=argparse.SUPPRESS)  # gateway's Unix socket
+    p.add_argument("--token", default="", help=argparse.SUPPRESS)
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--grpc-port", type=int, default=None, help="serve V2 gRPC on this TCP port")
+    p.add_argument("--max-request-bytes", type=int, default=96 * 1024 * 1024)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.connect is None and args.grpc_port is None:
+        args.grpc_port = 8001
+    from dl_inference.eventloop import run
+
+    log.debug("worker pid %d", os.getpid())
+    return run(run_worker(args))
