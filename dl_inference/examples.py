@@ -107,7 +107,9 @@ def _identity_all(root: Path) -> None:
     for datatype in V2_DATATYPES:
         elem = ONNX_ELEMENT_TYPE[datatype]
         dims = ["batch", f"n_{datatype}"]
-        nodes.append(helper.make_node("Identity", [f"in_{datatype}"], [f"out_{datatype}"], name=f"id_{datatype}"))
+        nodes.append(
+            helper.make_node("Identity", [f"in_{datatype}"], [f"out_{datatype}"], name=f"id_{datatype}")
+        )
         inputs.append(helper.make_tensor_value_info(f"in_{datatype}", elem, dims))
         outputs.append(helper.make_tensor_value_info(f"out_{datatype}", elem, dims))
     graph = helper.make_graph(nodes, "identity_all", inputs, outputs)

@@ -147,9 +147,10 @@ class GrpcServer:
             self.server,
         )
         self.address = f"{host}:{port}"
-        self.port = self.server.add_insecure_port(self.address)
-        if self.port == 0:
-            raise OSError(f"cannot bind gRPC port {self.address}")
+        try:
+            self.port = self.server.add_insecure_port(self.address)
+        except RuntimeError:
+            raise OSError(f"cannot listen for gRPC on {self.address}: address in use or not available") from None
         self._watch: asyncio.Task[None] | None = None
 
     async def start(self) -> None:

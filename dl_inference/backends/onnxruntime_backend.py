@@ -287,13 +287,18 @@ class OnnxRuntimeBackend(Backend):
         if not config.platform:
             config.platform = "onnxruntime_onnx"
 
-        for kind, entries, model in (("input", config.input, model_inputs), ("output", config.output, model_outputs)):
+        for kind, entries, model in (
+            ("input", config.input, model_inputs),
+            ("output", config.output, model_outputs),
+        ):
             seen: set[str] = set()
             for entry in entries:
                 if not entry.name:
                     raise InvalidArgument(f"model '{name}': an {kind} in the config has no name")
                 if entry.name in seen:
-                    raise InvalidArgument(f"model '{name}': {kind} '{entry.name}' is listed twice in the config")
+                    raise InvalidArgument(
+                        f"model '{name}': {kind} '{entry.name}' is listed twice in the config"
+                    )
                 seen.add(entry.name)
                 if entry.name not in model:
                     raise InvalidArgument(
@@ -306,8 +311,14 @@ class OnnxRuntimeBackend(Backend):
 
         if config.max_batch_size < 0:
             raise InvalidArgument(f"model '{name}': max_batch_size must be >= 0, got {config.max_batch_size}")
-        if config.max_batch_size == 0 and batchable and self._config_hints_batching(config, model_inputs, model_outputs):
-            config.max_batch_size = parameter_int(config, "default_max_batch_size", DEFAULT_MAX_BATCH_SIZE, minimum=1)
+        if (
+            config.max_batch_size == 0
+            and batchable
+            and self._config_hints_batching(config, model_inputs, model_outputs)
+        ):
+            config.max_batch_size = parameter_int(
+                config, "default_max_batch_size", DEFAULT_MAX_BATCH_SIZE, minimum=1
+            )
             logger.info(
                 "model '%s': every input and output has a dynamic first dimension; max_batch_size set to %d",
                 name,
@@ -316,8 +327,9 @@ class OnnxRuntimeBackend(Backend):
         if config.max_batch_size > 0 and not batchable:
             bad = next(t for t in [*model_inputs.values(), *exposed_outputs] if not t.batchable)
             raise InvalidArgument(
-                f"model '{name}': max_batch_size is {config.max_batch_size} but tensor '{bad.name}' has shape "
-                f"{_shape_str(bad.shape)}; batching needs a dynamic first dimension (-1) on every input and output"
+                f"model '{name}': max_batch_size is {config.max_batch_size} but tensor '{bad.name}' "
+                f"has shape {_shape_str(bad.shape)}; batching needs a dynamic first dimension (-1) "
+                "on every input and output"
             )
         batching = config.max_batch_size > 0
 
@@ -341,7 +353,9 @@ class OnnxRuntimeBackend(Backend):
     ) -> bool:
         """With max_batch_size 0, dims written in the config tell whether they include the batch:
         a tensor whose dims have the model's full rank means the operator wants no batching."""
-        for entry, model in [(i, model_inputs) for i in config.input] + [(o, model_outputs) for o in config.output]:
+        for entry, model in [(i, model_inputs) for i in config.input] + [
+            (o, model_outputs) for o in config.output
+        ]:
             if entry.dims or entry.HasField("reshape"):
                 rank = len(entry.reshape.shape) if entry.HasField("reshape") else len(entry.dims)
                 if rank >= len(model[entry.name].shape):
@@ -382,8 +396,8 @@ class OnnxRuntimeBackend(Backend):
             described = "reshape" if entry.HasField("reshape") else "dims"
             with_batch = f" (with the batch dimension: {_shape_str(full)})" if batching else ""
             raise InvalidArgument(
-                f"model '{model_name}': {kind} '{entry.name}': config {described} {_shape_str(target)}{with_batch} "
-                f"do not match the model's shape {_shape_str(tensor.shape)}"
+                f"model '{model_name}': {kind} '{entry.name}': config {described} "
+                f"{_shape_str(target)}{with_batch} do not match the model's shape {_shape_str(tensor.shape)}"
             )
 
     def _io_spec(self, entry: mc.ModelInput | mc.ModelOutput) -> _IOSpec:
@@ -429,7 +443,8 @@ class OnnxRuntimeBackend(Backend):
         for out_name in requested:
             if out_name not in self._outputs:
                 raise InvalidArgument(
-                    f"model '{model_name}': unknown output '{out_name}'; outputs are: {', '.join(self._outputs)}"
+                    f"model '{model_name}': unknown output '{out_name}'; "
+                    f"outputs are: {', '.join(self._outputs)}"
                 )
         session_names = [self._bf16_outputs.get(n, n) for n in requested]
         try:
@@ -465,7 +480,9 @@ class OnnxRuntimeBackend(Backend):
             )
 
     @staticmethod
-    def _reshape(model_name: str, kind: str, name: str, array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    def _reshape(
+        model_name: str, kind: str, name: str, array: np.ndarray, shape: tuple[int, ...]
+    ) -> np.ndarray:
         target = list(shape)
         if target and target[0] == -1 and array.ndim > 0:
             target[0] = array.shape[0]
@@ -473,8 +490,8 @@ class OnnxRuntimeBackend(Backend):
             return array.reshape(target)
         except ValueError as exc:
             raise InvalidArgument(
-                f"model '{model_name}': {kind} '{name}' of shape {_shape_str(array.shape)} cannot be reshaped "
-                f"to {_shape_str(shape)}: {exc}"
+                f"model '{model_name}': {kind} '{name}' of shape {_shape_str(array.shape)} "
+                f"cannot be reshaped to {_shape_str(shape)}: {exc}"
             ) from None
 
     @staticmethod
@@ -494,7 +511,8 @@ class OnnxRuntimeBackend(Backend):
             return array.astype(ml_dtypes.bfloat16)  # FP32 from the in-graph Cast: exact
         if array.dtype != spec.dtype:
             raise InternalError(
-                f"model '{model_name}': output '{spec.name}' came back as {array.dtype}, expected {spec.dtype}"
+                f"model '{model_name}': output '{spec.name}' came back as {array.dtype}, "
+                f"expected {spec.dtype}"
             )
         return array
 
@@ -556,11 +574,16 @@ def _cast_bf16_outputs(model_path: Path, outputs: Sequence[str]) -> tuple[bytes,
     mapping: dict[str, str] = {}
     wanted = set(outputs)
     for value_info in graph.output:
-        if value_info.name not in wanted or value_info.type.tensor_type.elem_type != onnx.TensorProto.BFLOAT16:
+        if (
+            value_info.name not in wanted
+            or value_info.type.tensor_type.elem_type != onnx.TensorProto.BFLOAT16
+        ):
             continue
         new_name = value_info.name + _BF16_AS_FP32_SUFFIX
         graph.node.append(
-            onnx.helper.make_node("Cast", [value_info.name], [new_name], to=onnx.TensorProto.FLOAT, name=new_name)
+            onnx.helper.make_node(
+                "Cast", [value_info.name], [new_name], to=onnx.TensorProto.FLOAT, name=new_name
+            )
         )
         mapping[value_info.name] = new_name
         value_info.name = new_name
@@ -568,6 +591,8 @@ def _cast_bf16_outputs(model_path: Path, outputs: Sequence[str]) -> tuple[bytes,
     try:
         data = model.SerializeToString()
     except ValueError as exc:  # > 2 GiB
-        raise InvalidArgument(f"model {model_path}: cannot serve BF16 outputs of a model this large: {exc}") from exc
+        raise InvalidArgument(
+            f"model {model_path}: cannot serve BF16 outputs of a model this large: {exc}"
+        ) from exc
     logger.info("model %s: BF16 outputs %s are cast to FP32 in the graph", model_path, sorted(mapping))
     return data, mapping

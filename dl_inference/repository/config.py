@@ -8,6 +8,7 @@ with :func:`google.protobuf.json_format.ParseDict`, so the two formats mean exac
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,7 @@ def load_model_config(model_dir: Path, name: str | None = None) -> ModelConfig:
     """
     model_dir = Path(model_dir)
     model_name = name if name is not None else model_dir.name
-    present = [model_dir / n for n in CONFIG_NAMES if (model_dir / n).exists()]
+    present = [model_dir / n for n in CONFIG_NAMES if os.path.lexists(model_dir / n)]
     if len(present) > 1:
         names = ", ".join(p.name for p in present)
         raise InvalidArgument(f"model '{model_name}' has more than one config file ({names}); keep one")
@@ -112,7 +113,7 @@ def load_model_config(model_dir: Path, name: str | None = None) -> ModelConfig:
 def config_file(model_dir: Path) -> Path | None:
     """The config file of ``model_dir`` (first of :data:`CONFIG_NAMES` present), or None."""
     for n in CONFIG_NAMES:
-        if (model_dir / n).exists():
+        if os.path.lexists(model_dir / n):
             return model_dir / n
     return None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -225,7 +226,7 @@ def test_name_mismatch(tmp_path: Path) -> None:
         ({}, "onnxruntime", "model.onnx"),
     ],
 )
-def test_backend_and_default_filename(fields: dict[str, str], backend: str, filename: str) -> None:
+def test_backend_and_default_filename(fields: dict[str, Any], backend: str, filename: str) -> None:
     config = mc.ModelConfig(name="m", **fields)
     assert backend_name(config, None) == backend
     assert default_model_filename(config) == filename
@@ -315,7 +316,9 @@ def test_pbtxt_instance_groups(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- validation
 
 
-def _tensor(name: str, dims: list[int], dtype: int = mc.TYPE_FP32, reshape: list[int] | None = None):
+def _tensor(
+    name: str, dims: list[int], dtype: mc.DataType = mc.TYPE_FP32, reshape: list[int] | None = None
+) -> mc.ModelInput:
     t = mc.ModelInput(name=name, data_type=dtype, dims=dims)
     if reshape is not None:
         t.reshape.shape.extend(reshape)

@@ -1,0 +1,1 @@
+"""Backends: one per framework, each importing its framework lazily."""

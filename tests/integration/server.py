@@ -1,0 +1,104 @@
+"""Start the real server (``dl-inference serve``) as a subprocess on free ports, for tests."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def free_port() -> int:
+    with contextlib.closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class RunningServer:
+    process: subprocess.Popen[bytes]
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+    log_path: Path
+
+    @property
+    def http_url(self) -> str:
+        return f"localhost:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"localhost:{self.grpc_port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def worker_pids(self, model: str | None = None) -> list[int]:
+        """PIDs of this server's worker processes (optionally of one model), from /proc."""
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                if int((entry / "stat").read_text().split()[3]) != self.process.pid:
+                    continue
+                cmd = (entry / "cmdline").read_bytes().split(b"\0")
+            except (OSError, IndexError, ValueError):
+                continue
+            if b"worker" in cmd and (model is None or model.encode() in cmd):
+                pids.append(int(entry.name))
+        return pids
+
+
+def wait_ready(http_port: int, timeout: float, proc: subprocess.Popen[bytes], log_path: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(f"http://localhost:{http_port}/v2/health/ready", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"server not ready after {timeout} s:\n{log_path.read_text()[-4000:]}")
+
+
+@contextlib.contextmanager
+def run_server(
+    repository: Path, log_path: Path, *extra: str, ready_timeout: float = 90, wait: bool = True
+) -> Iterator[RunningServer]:
+    http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+    cmd = [
+        sys.executable, "-m", "dl_inference", "serve",
+        "--model-repository", str(repository),
+        "--host", "127.0.0.1",
+        "--http-port", str(http_port),
+        "--grpc-port", str(grpc_port),
+        "--metrics-port", str(metrics_port),
+        *extra,
+    ]  # fmt: skip
+    log_file = open(log_path, "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=dict(os.environ))
+    server = RunningServer(proc, http_port, grpc_port, metrics_port, log_path)
+    try:
+        if wait:
+            wait_ready(http_port, ready_timeout, proc, log_path)
+        yield server
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log_file.close()
