@@ -731,3 +731,16 @@ def test_end_to_end_with_tritonclient() -> None:
     assert result.get_response()["id"] == "e2e"
     assert_same(result.as_numpy("y"), x * 2)
     assert result.as_numpy("u").tolist() == ["A", "BB"]
+
+
+def test_json_depth_escapes_do_not_hide_nesting() -> None:
+    # A string ending in an escaped backslash must not swallow the closing quote.
+    deep = {"id": "a\\", "parameters": {"k": '\\"[[[\\'}, "inputs": [tensor("x", "INT8", [1], _nested(62))]}
+    expect_error(deep, "nested 65 levels deep")
+    shallow = {"id": "a\\", "parameters": {"k": '\\"[[[' * 40}, "inputs": [tensor("x", "INT8", [1], [1])]}
+    request, _ = parse(shallow)
+    assert request.parameters["k"].string_param == '\\"[[[' * 40
+    # \u escapes of quote/backslash are plain text to the scanner.
+    body = b'{"id": "\\u0022' + b"[" * 80 + b'\\u005c", "inputs": []}'
+    request, _ = parse(body)
+    assert request.id.startswith('"[[[')
