@@ -137,7 +137,7 @@ class BareServicer(pb_grpc.GRPCInferenceServiceServicer):
             await context.abort(grpc.StatusCode.INTERNAL, str(exc))
         response = pb.ModelInferResponse(model_name=self.name, model_version=self.version, id=request.id)
         raw = response.raw_output_contents
-        for name, array in zip(names, results):
+        for name, array in zip(names, results, strict=True):
             array = np.ascontiguousarray(array)
             response.outputs.add(name=name, datatype=_NUMPY_TO_V2[array.dtype], shape=array.shape)
             raw.append(array.tobytes())
@@ -146,9 +146,7 @@ class BareServicer(pb_grpc.GRPCInferenceServiceServicer):
     def _feeds(self, request: Any) -> dict[str, np.ndarray]:
         use_raw = len(request.raw_input_contents) > 0
         if use_raw and len(request.raw_input_contents) != len(request.inputs):
-            raise ValueError(
-                f"{len(request.inputs)} inputs but {len(request.raw_input_contents)} raw_input_contents"
-            )
+            raise ValueError(f"{len(request.inputs)} inputs but {len(request.raw_input_contents)} raw_input_contents")
         feeds: dict[str, np.ndarray] = {}
         for i, tensor in enumerate(request.inputs):
             if tensor.name not in self.inputs:
@@ -204,14 +202,15 @@ def main(argv: list[str] | None = None) -> int:
     if not args.model.is_file():
         parser.error(f"no such model file: {args.model}")
     coro = serve(args.model, args.port, args.host, args.name)
+    if args.no_uvloop:
+        asyncio.run(coro)
+        return 0
     try:
         import uvloop
     except ImportError:
-        uvloop = None
-    if uvloop is not None and not args.no_uvloop:
-        uvloop.run(coro)
-    else:
         asyncio.run(coro)
+    else:
+        uvloop.run(coro)
     return 0
 
 

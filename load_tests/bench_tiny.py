@@ -67,6 +67,7 @@ class Server:
     log: Path
     grpc_url: str
     http_url: str | None = None
+    started: float = 0.0  # time.monotonic() at launch
 
 
 def free_port() -> int:
@@ -88,10 +89,15 @@ def start_server(name: str, cmd: list[str], log: Path, grpc_url: str, http_url: 
     with log.open("wb") as out:
         # own process group, so stop_server can take the server's worker processes down with it
         proc = subprocess.Popen(
-            cmd, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            cmd,
+            cwd=REPO_ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    return Server(name, proc, log, grpc_url, http_url)
+    return Server(name, proc, log, grpc_url, http_url, time.monotonic())
 
 
 def stop_server(server: Server, grace: float = 10.0) -> None:
@@ -116,7 +122,9 @@ def stop_server(server: Server, grace: float = 10.0) -> None:
 
 
 def wait_ready(server: Server, timeout: float) -> float:
-    """Poll ServerReady and ModelReady(MODEL) over gRPC; seconds it took. BenchError on death/timeout."""
+    """Poll ServerReady and ModelReady(MODEL) over gRPC; seconds since launch. BenchError on death/timeout.
+
+    ``timeout`` counts from the moment this starts waiting."""
     import grpc
 
     from dl_inference.protocol.generated import grpc_service_pb2 as pb
@@ -133,8 +141,7 @@ def wait_ready(server: Server, timeout: float) -> float:
                     f"{server.name} exited with status {code} before it was ready; its log "
                     f"({server.log}) ends with:\n{log_tail(server.log)}"
                 )
-            elapsed = time.monotonic() - t0
-            if elapsed > timeout:
+            if time.monotonic() - t0 > timeout:
                 raise BenchError(
                     f"{server.name} not ready after {timeout:.0f} s ({last}); its log ({server.log}) "
                     f"ends with:\n{log_tail(server.log)}"
@@ -145,21 +152,33 @@ def wait_ready(server: Server, timeout: float) -> float:
                 elif not stub.ModelReady(pb.ModelReadyRequest(name=MODEL), timeout=1.0).ready:
                     last = f"ModelReady('{MODEL}') false"
                 else:
-                    return elapsed
+                    return time.monotonic() - server.started
             except grpc.RpcError as exc:
                 last = f"{exc.code().name}: {exc.details()}"  # type: ignore[attr-defined]
             time.sleep(0.2)
 
 
-def run_loadgen(
-    url: str, protocol: str, concurrency: int, duration: float, warmup: float, out: Path
-) -> dict[str, Any]:
+def run_loadgen(url: str, protocol: str, concurrency: int, duration: float, warmup: float, out: Path) -> dict[str, Any]:
     """One loadgen run in a fresh process; its report. BenchError if it could not run at all."""
     cmd = [
-        sys.executable, "-m", "load_tests.loadgen", "--url", url, "--protocol", protocol, "--model", MODEL,
-        "--concurrency", str(concurrency), "--duration", str(duration), "--warmup", str(warmup),
-        "--json", str(out),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "load_tests.loadgen",
+        "--url",
+        url,
+        "--protocol",
+        protocol,
+        "--model",
+        MODEL,
+        "--concurrency",
+        str(concurrency),
+        "--duration",
+        str(duration),
+        "--warmup",
+        str(warmup),
+        "--json",
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=duration + warmup + 120)
     if not out.exists():
         raise BenchError(f"loadgen failed (status {proc.returncode}) on {url}:\n{proc.stderr[-2000:]}")
@@ -239,10 +258,18 @@ def machine_info() -> dict[str, Any]:
 def ours_command(repo: Path, grpc_port: int, http_port: int, metrics_port: int) -> list[str]:
     exe = Path(sys.executable).parent / "dl-inference"
     base = [str(exe)] if exe.exists() else [sys.executable, "-m", "dl_inference"]
-    return base + [
-        "serve", "--model-repository", str(repo), "--grpc-port", str(grpc_port),
-        "--http-port", str(http_port), "--metrics-port", str(metrics_port),
-    ]  # fmt: skip
+    return [
+        *base,
+        "serve",
+        "--model-repository",
+        str(repo),
+        "--grpc-port",
+        str(grpc_port),
+        "--http-port",
+        str(http_port),
+        "--metrics-port",
+        str(metrics_port),
+    ]
 
 
 def median_row(target: str, concurrency: int, reports: list[dict[str, Any]]) -> dict[str, Any]:
@@ -259,8 +286,7 @@ def median_row(target: str, concurrency: int, reports: list[dict[str, Any]]) -> 
         "p99_ms": med([r["latency_ms"]["p99"] for r in reports]),
         "errors": sum(r["errors"] for r in reports),
         "throughput_rps_each": [round(r["throughput_rps"], 1) for r in reports],
-        "p50_ms_each": [None if r["latency_ms"]["p50"] is None else round(r["latency_ms"]["p50"], 3)
-                        for r in reports],
+        "p50_ms_each": [None if r["latency_ms"]["p50"] is None else round(r["latency_ms"]["p50"], 3) for r in reports],
     }
 
 
@@ -311,9 +337,14 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     result: dict[str, Any] = {
         "machine": machine_info(),
         "config": {
-            "duration_s": args.duration, "warmup_s": args.warmup, "rounds": args.rounds,
-            "concurrency": concurrencies, "targets": targets, "http": args.http, "model": MODEL,
-        },  # fmt: skip
+            "duration_s": args.duration,
+            "warmup_s": args.warmup,
+            "rounds": args.rounds,
+            "concurrency": concurrencies,
+            "targets": targets,
+            "http": args.http,
+            "model": MODEL,
+        },
         "runs": [],
     }
     try:
@@ -321,18 +352,33 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             port = free_port()
             servers["bare"] = start_server(
                 "bare server",
-                [sys.executable, "-m", "load_tests.bare_server", "--model", str(model_path), "--port", str(port)],
-                workdir / "bare.log", f"127.0.0.1:{port}",
+                [
+                    sys.executable,
+                    "-m",
+                    "load_tests.bare_server",
+                    "--model",
+                    str(model_path),
+                    "--port",
+                    str(port),
+                ],
+                workdir / "bare.log",
+                f"127.0.0.1:{port}",
             )
         if "ours" in targets:
             grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
             servers["ours"] = start_server(
-                "dl-inference serve", ours_command(repo, grpc_port, http_port, metrics_port),
-                workdir / "ours.log", f"127.0.0.1:{grpc_port}", f"127.0.0.1:{http_port}",
+                "dl-inference serve",
+                ours_command(repo, grpc_port, http_port, metrics_port),
+                workdir / "ours.log",
+                f"127.0.0.1:{grpc_port}",
+                f"127.0.0.1:{http_port}",
             )
-        for key, server in servers.items():
+        for server in servers.values():
             took = wait_ready(server, args.ready_timeout)
-            print(f"{server.name} ready in {took:.1f} s (gRPC {server.grpc_url}, pid {server.proc.pid})", flush=True)
+            print(
+                f"{server.name} ready in {took:.1f} s (gRPC {server.grpc_url}, pid {server.proc.pid})",
+                flush=True,
+            )
 
         scratch = workdir / "loadgen.json"
         by_key: dict[tuple[str, int], list[dict[str, Any]]] = {}
@@ -364,10 +410,17 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     order = {"bare": 0, "ours": 1, "ours-http": 2}
     rows.sort(key=lambda r: (order.get(r["target"], 9), r["concurrency"]))
     ort = result["ort_inprocess"]
-    rows.append({
-        "target": "ort in-process", "concurrency": 1, "rounds": 1, "throughput_rps": ort["throughput_rps"],
-        "p50_ms": ort["latency_ms"]["p50"], "p99_ms": ort["latency_ms"]["p99"], "errors": 0,
-    })  # fmt: skip
+    rows.append(
+        {
+            "target": "ort in-process",
+            "concurrency": 1,
+            "rounds": 1,
+            "throughput_rps": ort["throughput_rps"],
+            "p50_ms": ort["latency_ms"]["p50"],
+            "p99_ms": ort["latency_ms"]["p99"],
+            "errors": 0,
+        }
+    )
     result["summary"] = rows
 
     cell = {(r["target"], r["concurrency"]): r for r in rows}
@@ -375,12 +428,18 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     ratios: dict[str, Any] = {}
     if ("bare", lo) in cell and ("ours", lo) in cell:
         value = ratio(cell[("ours", lo)]["p50_ms"], cell[("bare", lo)]["p50_ms"])
-        ratios[f"p50_c{lo}"] = {"value": value, "target": f"<= {P50_RATIO_TARGET}",
-                                "met": value is not None and value <= P50_RATIO_TARGET}
+        ratios[f"p50_c{lo}"] = {
+            "value": value,
+            "target": f"<= {P50_RATIO_TARGET}",
+            "met": value is not None and value <= P50_RATIO_TARGET,
+        }
     if ("bare", hi) in cell and ("ours", hi) in cell:
         value = ratio(cell[("ours", hi)]["throughput_rps"], cell[("bare", hi)]["throughput_rps"])
-        ratios[f"throughput_c{hi}"] = {"value": value, "target": f">= {RPS_RATIO_TARGET}",
-                                       "met": value is not None and value >= RPS_RATIO_TARGET}
+        ratios[f"throughput_c{hi}"] = {
+            "value": value,
+            "target": f">= {RPS_RATIO_TARGET}",
+            "met": value is not None and value >= RPS_RATIO_TARGET,
+        }
     result["ratios_ours_over_bare"] = ratios
     result["machine"]["loadavg_end"] = os.getloadavg()
     return result
@@ -390,8 +449,10 @@ def _short(rep: dict[str, Any]) -> str:
     lat = rep["latency_ms"]
     p50 = "-" if lat["p50"] is None else f"{lat['p50']:.3f}"
     p99 = "-" if lat["p99"] is None else f"{lat['p99']:.3f}"
-    return (f"{rep['protocol']:<4} c={rep['concurrency']:<3} {rep['throughput_rps']:8.1f} req/s  "
-            f"p50 {p50} ms  p99 {p99} ms  errors {rep['errors']}")
+    return (
+        f"{rep['protocol']:<4} c={rep['concurrency']:<3} {rep['throughput_rps']:8.1f} req/s  "
+        f"p50 {p50} ms  p99 {p99} ms  errors {rep['errors']}"
+    )
 
 
 def report_text(result: dict[str, Any]) -> str:
@@ -426,23 +487,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ort-duration", type=float, default=3.0, help="seconds of the in-process ORT loop")
     p.add_argument("--ready-timeout", type=float, default=60.0, help="seconds to wait for each server")
     p.add_argument("--json", type=Path, default=REPO_ROOT / "load_tests" / "results" / "bench_tiny.json")
-    p.add_argument("--keep-logs", action="store_true", help="keep the temp dir with the server logs")
+    p.add_argument("--keep-logs", action="store_true", help="keep the temp dir with the server logs (kept on errors)")
     p.add_argument("--check", action="store_true", help="exit 1 when a ratio misses its target")
     args = p.parse_args(argv)
 
     workdir = Path(tempfile.mkdtemp(prefix="bench_tiny_"))
+    keep = args.keep_logs
     try:
         with sigterm_as_interrupt():
             result = bench(args, workdir)
     except BenchError as exc:
         print(f"bench_tiny: {exc}", file=sys.stderr)
+        keep = True
         return 2
     except KeyboardInterrupt:
         print("bench_tiny: interrupted; servers stopped", file=sys.stderr)
         return 130
     finally:
-        if args.keep_logs:
-            print(f"logs kept in {workdir}", file=sys.stderr)
+        if keep:
+            print(f"bench_tiny: server logs kept in {workdir}", file=sys.stderr)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
 

@@ -172,9 +172,7 @@ def json_data(datatype: str, array: np.ndarray) -> list[Any]:
     return array.reshape(-1).tolist()
 
 
-def build_workload(
-    inputs: list[TensorSpec], outputs: list[TensorSpec], cfg: LoadConfig
-) -> Workload:
+def build_workload(inputs: list[TensorSpec], outputs: list[TensorSpec], cfg: LoadConfig) -> Workload:
     if not inputs:
         raise LoadgenError(f"model '{cfg.model}' has no inputs in its metadata")
     unknown = set(cfg.shapes) - {t.name for t in inputs}
@@ -204,7 +202,7 @@ def check_output(
     if datatype != spec.datatype:
         return f"output '{spec.name}': datatype {datatype}, expected {spec.datatype}"
     if spec.shape and (
-        len(shape) != len(spec.shape) or any(e >= 0 and e != s for e, s in zip(spec.shape, shape))
+        len(shape) != len(spec.shape) or any(e >= 0 and e != s for e, s in zip(spec.shape, shape, strict=True))
     ):
         return f"output '{spec.name}': shape {shape}, expected {spec.shape} (-1 = any)"
     count = math.prod(shape)
@@ -229,7 +227,7 @@ def _pb() -> Any:
 def grpc_request_bytes(cfg: LoadConfig, work: Workload) -> bytes:
     pb = _pb()
     request = pb.ModelInferRequest(model_name=cfg.model, model_version=cfg.model_version)
-    for spec, array in zip(work.inputs, work.arrays):
+    for spec, array in zip(work.inputs, work.arrays, strict=True):
         request.inputs.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
         request.raw_input_contents.append(raw_bytes(spec.datatype, array))
     return request.SerializeToString()
@@ -259,9 +257,7 @@ def check_grpc_response(data: bytes, cfg: LoadConfig, work: Workload) -> str | N
             n_elements: int | None = None
         else:
             n_bytes = None
-            n_elements = sum(
-                len(getattr(tensor.contents, f.name)) for f, _ in tensor.contents.ListFields()
-            )
+            n_elements = sum(len(getattr(tensor.contents, f.name)) for f, _ in tensor.contents.ListFields())
         problem = check_output(spec, tensor.datatype, list(tensor.shape), n_elements, n_bytes)
         if problem:
             return problem
@@ -275,8 +271,7 @@ async def grpc_metadata(channel: Any, cfg: LoadConfig) -> tuple[list[TensorSpec]
         request_serializer=pb.ModelMetadataRequest.SerializeToString,
         response_deserializer=pb.ModelMetadataResponse.FromString,
     )
-    meta = await call(pb.ModelMetadataRequest(name=cfg.model, version=cfg.model_version),
-                      timeout=cfg.connect_timeout)
+    meta = await call(pb.ModelMetadataRequest(name=cfg.model, version=cfg.model_version), timeout=cfg.connect_timeout)
     inputs = [TensorSpec(t.name, t.datatype, list(t.shape)) for t in meta.inputs]
     outputs = [TensorSpec(t.name, t.datatype, list(t.shape)) for t in meta.outputs]
     return inputs, outputs
@@ -301,9 +296,7 @@ async def grpc_setup(cfg: LoadConfig, note: Callable[[str, str], None]) -> tuple
         raise LoadgenError(f"cannot connect to gRPC {target} within {cfg.connect_timeout} s") from None
     except grpc.aio.AioRpcError as exc:
         await channel.close()
-        raise LoadgenError(
-            f"ModelMetadata('{cfg.model}') on {target}: {exc.code().name} {exc.details()}"
-        ) from None
+        raise LoadgenError(f"ModelMetadata('{cfg.model}') on {target}: {exc.code().name} {exc.details()}") from None
     work = build_workload(inputs, outputs, cfg)
     body = grpc_request_bytes(cfg, work)
     infer = channel.unary_unary(MODEL_INFER_PATH)  # no serializers: bytes in, bytes out
@@ -334,7 +327,7 @@ def http_request(cfg: LoadConfig, work: Workload) -> tuple[bytes, dict[str, str]
     """The infer body and headers (JSON, or JSON header + binary tensors with ``http_binary``)."""
     inputs: list[dict[str, Any]] = []
     blobs: list[bytes] = []
-    for spec, array in zip(work.inputs, work.arrays):
+    for spec, array in zip(work.inputs, work.arrays, strict=True):
         entry: dict[str, Any] = {"name": spec.name, "shape": spec.shape, "datatype": spec.datatype}
         if cfg.http_binary:
             blob = raw_bytes(spec.datatype, array)
@@ -388,9 +381,7 @@ async def http_setup(cfg: LoadConfig, note: Callable[[str, str], None]) -> tuple
     import aiohttp
 
     base = cfg.target()
-    model_path = f"{base}/v2/models/{cfg.model}" + (
-        f"/versions/{cfg.model_version}" if cfg.model_version else ""
-    )
+    model_path = f"{base}/v2/models/{cfg.model}" + (f"/versions/{cfg.model_version}" if cfg.model_version else "")
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=max(cfg.concurrency, 1), ttl_dns_cache=None),
         timeout=aiohttp.ClientTimeout(total=cfg.request_timeout),
@@ -425,9 +416,7 @@ async def http_setup(cfg: LoadConfig, note: Callable[[str, str], None]) -> tuple
                     note(key, payload[:300].decode("utf-8", "replace"))
                     return key
                 if verify:
-                    problem = check_http_response(
-                        payload, resp.headers.get("Inference-Header-Content-Length"), work
-                    )
+                    problem = check_http_response(payload, resp.headers.get("Inference-Header-Content-Length"), work)
                     if problem:
                         note("BAD_RESPONSE", problem)
                         return "BAD_RESPONSE"
@@ -496,8 +485,13 @@ def summarize(state: _State, cfg: LoadConfig, work: Workload, loop_name: str, me
     if lat_ms.size:
         p50, p90, p95, p99 = (float(v) for v in np.percentile(lat_ms, [50, 90, 95, 99]))
         latency: dict[str, float | None] = {
-            "p50": p50, "p90": p90, "p95": p95, "p99": p99,
-            "max": float(lat_ms.max()), "min": float(lat_ms.min()), "mean": float(lat_ms.mean()),
+            "p50": p50,
+            "p90": p90,
+            "p95": p95,
+            "p99": p99,
+            "max": float(lat_ms.max()),
+            "min": float(lat_ms.min()),
+            "mean": float(lat_ms.mean()),
         }
     else:
         latency = dict.fromkeys(("p50", "p90", "p95", "p99", "max", "min", "mean"))
@@ -614,8 +608,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", "-b", type=int, default=1, help="size of the first variable dimension")
     p.add_argument("--http-binary", action="store_true", help="HTTP: binary tensor data extension")
     p.add_argument("--check-every", type=int, default=100, help="check one response in N (1 = all)")
-    p.add_argument("--shape", action="append", type=_parse_shape, default=[], metavar="NAME:D0,D1",
-                   help="input shape override (repeatable)")
+    p.add_argument(
+        "--shape",
+        action="append",
+        type=_parse_shape,
+        default=[],
+        metavar="NAME:D0,D1",
+        help="input shape override (repeatable)",
+    )
     p.add_argument("--request-timeout", type=float, default=30.0)
     p.add_argument("--connect-timeout", type=float, default=10.0)
     p.add_argument("--seed", type=int, default=0)
@@ -627,10 +627,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = LoadConfig(
-        url=args.url, protocol=args.protocol, model=args.model, model_version=args.model_version,
-        concurrency=args.concurrency, duration=args.duration, warmup=args.warmup, batch=args.batch,
-        http_binary=args.http_binary, check_every=args.check_every, shapes=dict(args.shape),
-        request_timeout=args.request_timeout, connect_timeout=args.connect_timeout, seed=args.seed,
+        url=args.url,
+        protocol=args.protocol,
+        model=args.model,
+        model_version=args.model_version,
+        concurrency=args.concurrency,
+        duration=args.duration,
+        warmup=args.warmup,
+        batch=args.batch,
+        http_binary=args.http_binary,
+        check_every=args.check_every,
+        shapes=dict(args.shape),
+        request_timeout=args.request_timeout,
+        connect_timeout=args.connect_timeout,
+        seed=args.seed,
         use_uvloop=not args.no_uvloop,
     )
     try:

@@ -183,7 +183,11 @@ class WorkerPool:
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
         env["DL_INFERENCE_WORKER"] = spec.label
-        inst.process = await asyncio.create_subprocess_exec(*cmd, env=env, stdin=asyncio.subprocess.DEVNULL)
+        # A session of its own: a terminal's Ctrl-C reaches the gateway only, which then stops the
+        # workers in order; if the gateway dies outright, workers exit when its socket closes.
+        inst.process = await asyncio.create_subprocess_exec(
+            *cmd, env=env, stdin=asyncio.subprocess.DEVNULL, start_new_session=True
+        )
         log.info("spawned worker %s (pid %d)", spec.label, inst.process.pid)
         asyncio.get_running_loop().create_task(self._watch(inst))
         return inst

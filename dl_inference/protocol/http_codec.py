@@ -123,6 +123,12 @@ def _json_type(value: Any) -> str:
     return type(value).__name__
 
 
+def _short(value: Any, limit: int = 40) -> str:
+    """``repr`` of a client value, truncated so error messages stay small."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _fmt_shape(shape: list[int]) -> str:
     return "[" + ",".join(str(d) for d in shape) + "]"
 
@@ -175,6 +181,13 @@ def _get_str(obj: dict[str, Any], key: str, context: str, required: bool = True)
     return value
 
 
+def _require_name(obj: dict[str, Any], context: str) -> str:
+    name = _get_str(obj, "name", context)
+    if not name:
+        raise InvalidArgument(f"{context}: 'name' must not be empty")
+    return name
+
+
 def _parse_shape(value: Any, label: str) -> list[int]:
     if value is None:
         raise InvalidArgument(f"{label}: missing required field 'shape'")
@@ -182,7 +195,7 @@ def _parse_shape(value: Any, label: str) -> list[int]:
         raise InvalidArgument(f"{label}: 'shape' must be an array of integers, got {_json_type(value)}")
     for d in value:
         if type(d) is not int:
-            raise InvalidArgument(f"{label}: 'shape' must contain only integers, got {_json_type(d)} {d!r}")
+            raise InvalidArgument(f"{label}: 'shape' must contain only integers, got {_json_type(d)} {_short(d)}")
         if d < 0:
             raise InvalidArgument(f"{label}: shape {_fmt_shape(value)} has a negative dimension")
     return value
@@ -192,9 +205,7 @@ def _parse_datatype(value: Any, label: str) -> str:
     if value is None:
         raise InvalidArgument(f"{label}: missing required field 'datatype'")
     if not isinstance(value, str) or value not in V2_DATATYPES:
-        raise InvalidArgument(
-            f"{label}: unknown datatype {value!r}, expected one of {', '.join(V2_DATATYPES)}"
-        )
+        raise InvalidArgument(f"{label}: unknown datatype {_short(value)}, expected one of {', '.join(V2_DATATYPES)}")
     return value
 
 
@@ -227,20 +238,20 @@ def _slow_numeric(data: list[Any], datatype: str, dtype: np.dtype, label: str) -
     if datatype == "BOOL":
         for v in flat:
             if not isinstance(v, bool):
-                raise InvalidArgument(f"{label}: BOOL data must be JSON booleans, got {_json_type(v)} {v!r}")
+                raise InvalidArgument(f"{label}: BOOL data must be JSON booleans, got {_json_type(v)} {_short(v)}")
         return np.array(flat, dtype=dtype)
     if dtype.kind in "iu":
         info = np.iinfo(dtype)
         for v in flat:
             if type(v) is not int:
-                raise InvalidArgument(f"{label}: {datatype} data must be integers, got {_json_type(v)} {v!r}")
+                raise InvalidArgument(f"{label}: {datatype} data must be integers, got {_json_type(v)} {_short(v)}")
             if v < info.min or v > info.max:
                 raise _range_error(label, datatype, v)
         return np.array(flat, dtype=dtype)
     floats: list[float] = []
     for v in flat:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise InvalidArgument(f"{label}: {datatype} data must be numbers, got {_json_type(v)} {v!r}")
+            raise InvalidArgument(f"{label}: {datatype} data must be numbers, got {_json_type(v)} {_short(v)}")
         try:
             floats.append(float(v))
         except OverflowError:
@@ -299,7 +310,7 @@ def _json_data_to_raw(data: Any, datatype: str, shape: list[int], label: str) ->
         flat = _flatten_objects(data, label)
         for v in flat:
             if not isinstance(v, str):
-                raise InvalidArgument(f"{label}: BYTES data must be JSON strings, got {_json_type(v)} {v!r}")
+                raise InvalidArgument(f"{label}: BYTES data must be JSON strings, got {_json_type(v)} {_short(v)}")
         _check_count(len(flat), count, datatype, shape, label)
         return serialize_bytes_tensor(np.array(flat, dtype=np.object_))
     arr = _json_numeric(data, datatype, label)
@@ -390,8 +401,7 @@ def parse_infer_request(
     for index, item in enumerate(inputs):
         if not isinstance(item, dict):
             raise InvalidArgument(f"input at position {index} must be a JSON object, got {_json_type(item)}")
-        name = _get_str(item, "name", f"input at position {index}")
-        assert name is not None
+        name = _require_name(item, f"input at position {index}")
         label = f"input '{name}'"
         if name in seen:
             raise InvalidArgument(f"{label} is given more than once")
@@ -408,9 +418,7 @@ def parse_infer_request(
         in_params = item.get("parameters")
         if in_params is not None:
             if not isinstance(in_params, dict):
-                raise InvalidArgument(
-                    f"{label}: 'parameters' must be a JSON object, got {_json_type(in_params)}"
-                )
+                raise InvalidArgument(f"{label}: 'parameters' must be a JSON object, got {_json_type(in_params)}")
             in_params = dict(in_params)
             size = in_params.pop("binary_data_size", None)
             in_params.pop("binary_data", None)
@@ -424,8 +432,7 @@ def parse_infer_request(
                 raise InvalidArgument(f"{label}: has both 'data' and parameters.binary_data_size")
             if isinstance(size, bool) or not isinstance(size, int) or size < 0:
                 raise InvalidArgument(
-                    f"{label}: binary_data_size must be a non-negative integer, "
-                    f"got {_json_type(size)} {size!r}"
+                    f"{label}: binary_data_size must be a non-negative integer, got {_json_type(size)} {_short(size)}"
                 )
             if header_length is None:
                 raise InvalidArgument(
@@ -447,8 +454,7 @@ def parse_infer_request(
 
     if offset != available:
         raise InvalidArgument(
-            f"binary data sizes of the inputs add up to {offset} bytes but {available} bytes follow "
-            f"the JSON header"
+            f"binary data sizes of the inputs add up to {offset} bytes but {available} bytes follow the JSON header"
         )
 
     outputs = root.get("outputs")
@@ -458,11 +464,8 @@ def parse_infer_request(
         seen_out: set[str] = set()
         for index, item in enumerate(outputs):
             if not isinstance(item, dict):
-                raise InvalidArgument(
-                    f"output at position {index} must be a JSON object, got {_json_type(item)}"
-                )
-            name = _get_str(item, "name", f"output at position {index}")
-            assert name is not None
+                raise InvalidArgument(f"output at position {index} must be a JSON object, got {_json_type(item)}")
+            name = _require_name(item, f"output at position {index}")
             label = f"output '{name}'"
             if name in seen_out:
                 raise InvalidArgument(f"{label} is requested more than once")
@@ -472,16 +475,13 @@ def parse_infer_request(
             out_params = item.get("parameters")
             if out_params is not None:
                 if not isinstance(out_params, dict):
-                    raise InvalidArgument(
-                        f"{label}: 'parameters' must be a JSON object, got {_json_type(out_params)}"
-                    )
+                    raise InvalidArgument(f"{label}: 'parameters' must be a JSON object, got {_json_type(out_params)}")
                 out_params = dict(out_params)
                 binary_flag = out_params.pop("binary_data", None)
                 if binary_flag is not None:
                     if not isinstance(binary_flag, bool):
                         raise InvalidArgument(
-                            f"{label}: parameter 'binary_data' must be a boolean, "
-                            f"got {_json_type(binary_flag)}"
+                            f"{label}: parameter 'binary_data' must be a boolean, got {_json_type(binary_flag)}"
                         )
                     policy.binary_outputs[name] = binary_flag
                 json_to_parameters(out_params, out.parameters, f"{label} parameter")
@@ -542,6 +542,32 @@ def _array_to_json_data(arr: np.ndarray, datatype: str) -> list[Any] | None:
     return flat.tolist()
 
 
+def _render_output(tensor: Any, raw: bytes | None, binary: bool) -> tuple[dict[str, Any], bytes | None]:
+    """JSON entry for one output, plus its binary payload when it is sent binary."""
+    name = tensor.name
+    datatype = tensor.datatype
+    entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(tensor.shape)}
+    params = parameters_to_json(tensor.parameters) if tensor.parameters else {}
+    if not binary:
+        if raw is not None:
+            arr = raw_to_numpy(raw, datatype, tensor.shape, name, "output")
+        else:
+            arr = _contents_to_numpy(tensor, f"output '{name}'")
+        data = _array_to_json_data(arr, datatype)
+        if data is not None:
+            entry["data"] = data
+            if params:
+                entry["parameters"] = params
+            return entry, None
+        if raw is None:  # not UTF-8: switch this BYTES output to binary
+            raw = tensor_to_raw(arr, datatype)
+    elif raw is None:
+        raw = tensor_to_raw(_contents_to_numpy(tensor, f"output '{name}'"), datatype)
+    params["binary_data_size"] = len(raw)
+    entry["parameters"] = params
+    return entry, raw
+
+
 def render_infer_response(response: pb.ModelInferResponse, policy: OutputPolicy) -> tuple[bytes, int | None]:
     """Encode a ModelInferResponse as the HTTP body: returns ``(body, json_header_length)``.
 
@@ -561,32 +587,12 @@ def render_infer_response(response: pb.ModelInferResponse, policy: OutputPolicy)
     buffers: list[bytes] = []
     json_outputs: list[dict[str, Any]] = []
     for i, tensor in enumerate(response.outputs):
-        name = tensor.name
-        datatype = tensor.datatype
-        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(tensor.shape)}
-        params = parameters_to_json(tensor.parameters) if tensor.parameters else {}
-        raw: bytes | None = raws[i] if raws else None
-        binary = policy.is_binary(name)
-        if not binary:
-            if raw is not None:
-                arr = raw_to_numpy(raw, datatype, tensor.shape, name, "output")
-            else:
-                arr = _contents_to_numpy(tensor, f"output '{name}'")
-            data = _array_to_json_data(arr, datatype)
-            if data is None:
-                binary = True
-                if raw is None:
-                    raw = tensor_to_raw(arr, datatype)
-            else:
-                entry["data"] = data
-        elif raw is None:
-            raw = tensor_to_raw(_contents_to_numpy(tensor, f"output '{name}'"), datatype)
-        if binary:
-            assert raw is not None
-            params["binary_data_size"] = len(raw)
+        try:
+            entry, raw = _render_output(tensor, raws[i] if raws else None, policy.is_binary(tensor.name))
+        except InvalidArgument as e:  # the model's response is malformed: a server fault
+            raise InternalError(f"malformed inference response: {e.message}") from None
+        if raw is not None:
             buffers.append(raw)
-        if params:
-            entry["parameters"] = params
         json_outputs.append(entry)
     result["outputs"] = json_outputs
     header = json.dumps(result, ensure_ascii=False, separators=(",", ":")).encode("utf-8")

@@ -134,8 +134,7 @@ def _deserialize_bytes(buf: bytes | memoryview, count: int, label: str) -> np.nd
         end = offset + length
         if end > total:
             raise InvalidArgument(
-                f"{label}: BYTES data truncated: element {i} declares {length} bytes but only "
-                f"{total - offset} remain"
+                f"{label}: BYTES data truncated: element {i} declares {length} bytes but only {total - offset} remain"
             )
         out[i] = bytes(view[offset:end])
         offset = end
@@ -189,9 +188,7 @@ def raw_to_numpy(
     """
     label = f"{kind} '{name}'"
     if datatype not in V2_DATATYPES:
-        raise InvalidArgument(
-            f"{label}: unknown datatype '{datatype}', expected one of {', '.join(V2_DATATYPES)}"
-        )
+        raise InvalidArgument(f"{label}: unknown datatype '{datatype}', expected one of {', '.join(V2_DATATYPES)}")
     shape = tuple(int(d) for d in shape)
     count = _element_count(shape, label)
     if datatype == "BYTES":
@@ -233,17 +230,14 @@ def _contents_to_numpy(tensor: Any, label: str) -> np.ndarray:
         return np.empty(shape, dtype=numpy_dtype(datatype))
     field = _CONTENTS_FIELD.get(datatype)
     if field is None:
-        raise InvalidArgument(
-            f"{label}: unknown datatype '{datatype}', expected one of {', '.join(V2_DATATYPES)}"
-        )
+        raise InvalidArgument(f"{label}: unknown datatype '{datatype}', expected one of {', '.join(V2_DATATYPES)}")
     wrong = [f for f in present if f != field]
     if wrong:
         raise InvalidArgument(f"{label}: datatype {datatype} expects {field}, got {', '.join(wrong)}")
     values = getattr(contents, field)
     if len(values) != count:
         raise InvalidArgument(
-            f"{label}: expected {count} elements for shape {_fmt_shape(shape)} {datatype}, "
-            f"got {len(values)} in {field}"
+            f"{label}: expected {count} elements for shape {_fmt_shape(shape)} {datatype}, got {len(values)} in {field}"
         )
     if datatype == "BYTES":
         out = np.empty(count, dtype=np.object_)
@@ -258,9 +252,7 @@ def _contents_to_numpy(tensor: Any, label: str) -> np.ndarray:
             lo, hi = int(arr.min()), int(arr.max())
             if lo < info.min or hi > info.max:
                 bad = lo if lo < info.min else hi
-                raise InvalidArgument(
-                    f"{label}: value {bad} is out of range for {datatype} [{info.min}, {info.max}]"
-                )
+                raise InvalidArgument(f"{label}: value {bad} is out of range for {datatype} [{info.min}, {info.max}]")
         arr = arr.astype(dtype)
     return arr.reshape(shape)
 
@@ -280,9 +272,7 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
     raws = request.raw_input_contents
     use_raw = len(raws) > 0
     if use_raw and len(raws) != len(inputs):
-        raise InvalidArgument(
-            f"expected {len(inputs)} raw_input_contents entries (one per input), got {len(raws)}"
-        )
+        raise InvalidArgument(f"expected {len(inputs)} raw_input_contents entries (one per input), got {len(raws)}")
     out: dict[str, np.ndarray] = {}
     for i, tensor in enumerate(inputs):
         name = tensor.name
@@ -293,9 +283,7 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
             raise InvalidArgument(f"{label} is given more than once")
         if use_raw:
             if _has_contents(tensor):
-                raise InvalidArgument(
-                    f"{label}: typed contents cannot be mixed with raw_input_contents in one request"
-                )
+                raise InvalidArgument(f"{label}: typed contents cannot be mixed with raw_input_contents in one request")
             out[name] = raw_to_numpy(raws[i], tensor.datatype, tensor.shape, name, "input")
         else:
             out[name] = _contents_to_numpy(tensor, label)
@@ -335,9 +323,7 @@ def set_parameter(target: Any, key: str, value: ParameterValue, context: str = "
         param.CopyFrom(value)
     else:
         del target[key]
-        raise InvalidArgument(
-            f"{context} '{key}': value must be a bool, number or string, got {type(value).__name__}"
-        )
+        raise InvalidArgument(f"{context} '{key}': value must be a bool, number or string, got {type(value).__name__}")
 
 
 def build_response(
@@ -373,9 +359,7 @@ def response_to_numpy(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
     outputs = response.outputs
     raws = response.raw_output_contents
     if raws and len(raws) != len(outputs):
-        raise InternalError(
-            f"response has {len(raws)} raw_output_contents entries for {len(outputs)} outputs"
-        )
+        raise InternalError(f"response has {len(raws)} raw_output_contents entries for {len(outputs)} outputs")
     result: dict[str, np.ndarray] = {}
     for i, tensor in enumerate(outputs):
         if raws:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
-from dl_inference.errors import InvalidArgument, ServerError, Unimplemented
+from dl_inference.errors import InternalError, InvalidArgument, ServerError, Unimplemented
 from dl_inference.protocol.generated import grpc_service_pb2 as pb
 from dl_inference.protocol.http_codec import (
     OutputPolicy,
@@ -357,17 +357,13 @@ def test_binary_extension_mixed_with_json_data() -> None:
 
 
 def test_binary_zero_size_input() -> None:
-    header = {
-        "inputs": [{"name": "e", "datatype": "FP32", "shape": [0], "parameters": {"binary_data_size": 0}}]
-    }
+    header = {"inputs": [{"name": "e", "datatype": "FP32", "shape": [0], "parameters": {"binary_data_size": 0}}]}
     body, header_length = binary_request(header)
     request, _ = parse(body, header_length)
     assert request.raw_input_contents[0] == b""
 
 
-def _bin_input(
-    name: str, size: Any, datatype: str = "UINT8", shape: list[int] | None = None
-) -> dict[str, Any]:
+def _bin_input(name: str, size: Any, datatype: str = "UINT8", shape: list[int] | None = None) -> dict[str, Any]:
     return {
         "name": name,
         "datatype": datatype,
@@ -491,11 +487,7 @@ def test_duplicate_inputs() -> None:
 
 
 def test_shared_memory_inputs_unimplemented() -> None:
-    body = {
-        "inputs": [
-            {"name": "x", "datatype": "INT8", "shape": [1], "parameters": {"shared_memory_region": "r"}}
-        ]
-    }
+    body = {"inputs": [{"name": "x", "datatype": "INT8", "shape": [1], "parameters": {"shared_memory_region": "r"}}]}
     with pytest.raises(Unimplemented):
         parse(body)
 
@@ -744,3 +736,21 @@ def test_json_depth_escapes_do_not_hide_nesting() -> None:
     body = b'{"id": "\\u0022' + b"[" * 80 + b'\\u005c", "inputs": []}'
     request, _ = parse(body)
     assert request.id.startswith('"[[[')
+
+
+def test_empty_names_rejected_and_long_values_truncated() -> None:
+    expect_error({"inputs": [tensor("", "INT8", [1], [1])]}, "input at position 0: 'name' must not be empty")
+    expect_error({"inputs": [], "outputs": [{"name": ""}]}, "output at position 0: 'name' must not be empty")
+    message = expect_error({"inputs": [tensor("x", "INT8", [1], ["y" * 10_000])]}, "INT8 data must be integers")
+    assert len(message) < 200
+
+
+def test_render_malformed_response_is_internal_error() -> None:
+    response = pb.ModelInferResponse(model_name="m")
+    response.outputs.add(name="o", datatype="FP32", shape=[2])
+    response.raw_output_contents.append(b"\x00" * 4)
+    with pytest.raises(InternalError, match="output 'o': expected 8 bytes"):
+        render_infer_response(response, OutputPolicy())
+    response.outputs.add(name="p", datatype="FP32", shape=[1])
+    with pytest.raises(InternalError, match="2 outputs"):
+        render_infer_response(response, OutputPolicy(binary_data_output=True))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from tritonclient.grpc import service_pb2 as tc_pb
 from tritonclient.grpc._utils import _get_inference_request as tc_grpc_request
 
 from dl_inference.errors import InternalError, InvalidArgument
+from dl_inference.protocol.datatypes import numpy_dtype
 from dl_inference.protocol.generated import grpc_service_pb2 as pb
 from dl_inference.protocol.tensors import (
     build_response,
@@ -36,21 +39,7 @@ def sample(datatype: str, shape: tuple[int, ...] = (2, 3)) -> np.ndarray:
         return np.array([values[i % len(values)] for i in range(n)], dtype=np.object_).reshape(shape)
     if datatype == "BF16":
         return (np.arange(n, dtype=np.float32) * 0.5 - 1).astype(BF16).reshape(shape)
-    dtype = np.dtype(
-        {
-            "UINT8": np.uint8,
-            "UINT16": np.uint16,
-            "UINT32": np.uint32,
-            "UINT64": np.uint64,
-            "INT8": np.int8,
-            "INT16": np.int16,
-            "INT32": np.int32,
-            "INT64": np.int64,
-            "FP16": np.float16,
-            "FP32": np.float32,
-            "FP64": np.float64,
-        }[datatype]
-    )
+    dtype: Any = numpy_dtype(datatype)
     if dtype.kind in "iu":
         info = np.iinfo(dtype)
         base = [info.min, info.max, 0, 1, info.max - 1, info.min + 1]
@@ -114,9 +103,7 @@ def test_serialize_bytes_matches_tritonclient(arr: np.ndarray) -> None:
 
 
 def test_serialize_bytes_layout_and_other_objects() -> None:
-    assert (
-        serialize_bytes_tensor(np.array([b"ab", b""], dtype=object)) == b"\x02\x00\x00\x00ab\x00\x00\x00\x00"
-    )
+    assert serialize_bytes_tensor(np.array([b"ab", b""], dtype=object)) == b"\x02\x00\x00\x00ab\x00\x00\x00\x00"
     assert serialize_bytes_tensor(np.array(["ab", "é"], dtype=np.str_)) == (
         b"\x02\x00\x00\x00ab\x02\x00\x00\x00\xc3\xa9"
     )
@@ -332,9 +319,7 @@ def test_decode_inputs_wrong_contents_field() -> None:
     request = pb.ModelInferRequest()
     tensor = request.inputs.add(name="w", datatype="FP32", shape=[1])
     tensor.contents.int_contents.append(1)
-    with pytest.raises(
-        InvalidArgument, match="input 'w': datatype FP32 expects fp32_contents, got int_contents"
-    ):
+    with pytest.raises(InvalidArgument, match="input 'w': datatype FP32 expects fp32_contents, got int_contents"):
         decode_inputs(request)
 
 
