@@ -648,6 +648,9 @@ def main(argv: list[str] | None = None) -> int:
     except LoadgenError as exc:
         print(f"loadgen: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("loadgen: interrupted", file=sys.stderr)
+        return 130
     print(summary_line(report), flush=True)
     for key, message in report["error_samples"].items():
         print(f"  {key}: {message}", file=sys.stderr)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from tritonclient.utils import InferenceServerException
+from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 
 from tests.integration.server import RunningServer, run_server
 from tests.integration.test_grpc import ALL_TYPES, sample
@@ -70,6 +70,11 @@ def post_binary(
         head + b"".join(buffers),
         {"Content-Type": "application/octet-stream", HEADER: str(len(head))},
     )
+
+
+def serialize_bytes(arr: np.ndarray) -> bytes:
+    out = serialize_byte_tensor(arr)
+    return out.item() if out.size else b""
 
 
 def split_response(headers: dict[str, str], body: bytes) -> tuple[dict[str, Any], dict[str, bytes]]:
@@ -548,6 +553,19 @@ def test_errors(
     assert_model_ready(server, model if model != "no_such_model" else "simple")
 
 
+def test_json_depth_limit_is_64(server: RunningServer) -> None:
+    """{"inputs": [{"data": <k levels>}]} is k + 3 deep; nested data only has to hold 16 elements."""
+
+    def body(k: int) -> bytes:
+        data = b"[" * (k - 1) + json.dumps([0.5] * 16).encode() + b"]" * (k - 1)
+        return b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 16], "data": ' + data + b"}]}"
+
+    status, _, out = request(server.http_port, "POST", "/v2/models/simple/infer", body(61))
+    assert status == 200, out
+    status, msg = error_of(request(server.http_port, "POST", "/v2/models/simple/infer", body(62)))
+    assert status == 400 and "65" in msg and "64" in msg, msg
+
+
 def test_get_errors(server: RunningServer) -> None:
     assert error_of(get(server, "/v2/models/no_such_model"))[0] == 404
     assert error_of(get(server, "/v2/models/simple/versions/5"))[0] == 404
@@ -594,15 +612,42 @@ def test_request_over_the_limit(small_limit_server: RunningServer) -> None:
         g.infer("simple", [i])
     assert err.value.status() == "StatusCode.RESOURCE_EXHAUSTED", err.value
 
-    # Just under the limit succeeds (JSON header + 8 rows of binary plus padding in a BYTES-free way:
-    # a raw header-length-0 body of exactly 1 MiB - 64 bytes is too big for max_batch_size 8, so send
-    # a JSON body padded with whitespace up to just under the limit).
-    _, inp = x_json(2)
-    body = json.dumps({"inputs": [inp]}).encode()
-    body = body + b" " * (1048576 - 16 - len(body))
-    status, _, out = request(srv.http_port, "POST", "/v2/models/simple/infer", body)
+    # Exactly at the limit succeeds: identity_all with a big UINT8 input (its second dim is free)
+    # sized so that JSON header + binary data is exactly 1 MiB, over HTTP; just under it over gRPC.
+    limit = 1048576
+    rng = np.random.default_rng(2)
+    arrays = {t: sample(t, (1, 1), rng) for t in EVERY_TYPE}
+    n = limit
+    for _ in range(3):  # the header's length depends on the digits of n
+        arrays["UINT8"] = np.arange(n, dtype=np.uint8)[None]
+        raws = [serialize_bytes(a) if t == "BYTES" else a.tobytes() for t, a in arrays.items()]
+        head = json.dumps({"inputs": [
+            {"name": f"in_{t}", "datatype": t, "shape": list(a.shape), "parameters": {"binary_data_size": len(r)}}
+            for (t, a), r in zip(arrays.items(), raws)
+        ], "outputs": [{"name": "out_UINT8", "parameters": {"binary_data": True}}]}).encode()  # fmt: skip
+        n -= len(head) + sum(map(len, raws)) - limit
+    body = head + b"".join(raws)
+    assert len(body) == limit
+    status, headers, out = request(srv.http_port, "POST", "/v2/models/identity_all/infer", body, {HEADER: str(len(head))})
     assert status == 200, out
-    assert json.loads(out)["outputs"][0]["shape"] == [2, 4]
+    _, got = split_response(headers, out)
+    assert got["out_UINT8"] == arrays["UINT8"].tobytes()
+    status, msg = error_of(
+        request(srv.http_port, "POST", "/v2/models/identity_all/infer", body + b"\0", {HEADER: str(len(head))})
+    )
+    assert status == 413, msg
+
+    ginputs = []
+    arrays["UINT8"] = np.zeros((1, limit - 4096), np.uint8)
+    for t, a in arrays.items():
+        gi = grpcclient.InferInput(f"in_{t}", list(a.shape), t)
+        if t == "BF16":
+            gi._raw_content = a.tobytes()
+        else:
+            gi.set_data_from_numpy(a)
+        ginputs.append(gi)
+    gr = g.infer("identity_all", ginputs, outputs=[grpcclient.InferRequestedOutput("out_UINT8")])
+    assert gr.as_numpy("out_UINT8").shape == (1, limit - 4096)
     assert_model_ready(srv)
 
 
