@@ -53,6 +53,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL = "simple"
 P50_RATIO_TARGET = 1.3  # ours/bare p50 at the lowest concurrency: at most this
 RPS_RATIO_TARGET = 0.8  # ours/bare throughput at the highest concurrency: at least this
+BUSY_LOADAVG = 0.5  # 1-min load average above which the report warns that the machine was busy
 DESIGN_REFERENCE = "DESIGN.md reference, bare server on the 2-core dev box: p50 0.56 ms at c=1, 2,700 req/s at c=16"
 
 
@@ -449,9 +450,11 @@ def _short(rep: dict[str, Any]) -> str:
     lat = rep["latency_ms"]
     p50 = "-" if lat["p50"] is None else f"{lat['p50']:.3f}"
     p99 = "-" if lat["p99"] is None else f"{lat['p99']:.3f}"
+    cpu = rep.get("client_cpu_util")
+    client = "" if cpu is None else f"  (client cpu {cpu:.2f} cores)"
     return (
         f"{rep['protocol']:<4} c={rep['concurrency']:<3} {rep['throughput_rps']:8.1f} req/s  "
-        f"p50 {p50} ms  p99 {p99} ms  errors {rep['errors']}"
+        f"p50 {p50} ms  p99 {p99} ms  errors {rep['errors']}{client}"
     )
 
 
@@ -460,7 +463,10 @@ def report_text(result: dict[str, Any]) -> str:
     for name, r in result["ratios_ours_over_bare"].items():
         value = "-" if r["value"] is None else f"{r['value']:.2f}"
         lines.append(f"ours/bare {name}: {value} (target {r['target']}: {'met' if r['met'] else 'MISSED'})")
-    lines.append(f"({DESIGN_REFERENCE}; load average {result['machine']['loadavg_start'][0]:.2f} at start)")
+    load = result["machine"]["loadavg_start"][0]
+    lines.append(f"({DESIGN_REFERENCE}; 1-min load average {load:.2f} at start)")
+    if load > BUSY_LOADAVG:
+        lines.append("WARNING: the machine was busy when the bench started; numbers are noisy, rerun when idle")
     return "\n".join(lines)
 
 

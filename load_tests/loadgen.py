@@ -445,6 +445,7 @@ class _State:
         self.errors: collections.Counter[str] = collections.Counter()
         self.warmup_errors: collections.Counter[str] = collections.Counter()
         self.samples: dict[str, str] = {}
+        self.cpu_window: list[float] = []  # process CPU seconds at window start and end
 
     def note(self, key: str, message: str) -> None:
         self.samples.setdefault(key, message[:500])
@@ -478,6 +479,13 @@ async def _worker(send: SendFn, state: _State, t_start: float, t_end: float) -> 
             state.errors[error] += 1
         else:
             latencies.append(t1 - t0)
+
+
+async def _cpu_probe(state: _State, t_start: float, t_end: float) -> None:
+    """Note the client's CPU time (all its threads) when the measured window opens and closes."""
+    for t in (t_start, t_end):
+        await asyncio.sleep(max(0.0, t - time.perf_counter()))
+        state.cpu_window.append(time.process_time())
 
 
 def summarize(state: _State, cfg: LoadConfig, work: Workload, loop_name: str, measured: float) -> dict[str, Any]:
@@ -516,6 +524,9 @@ def summarize(state: _State, cfg: LoadConfig, work: Workload, loop_name: str, me
         "inferences_per_s": rps * cfg.batch,
         "latency_ms": latency,
         "checked_responses": state.checked,
+        "client_cpu_util": (
+            (state.cpu_window[1] - state.cpu_window[0]) / measured if len(state.cpu_window) == 2 else None
+        ),
         "inputs": [dataclasses.asdict(t) for t in work.inputs],
         "client": {"event_loop": loop_name, "python": platform.python_version()},
         "started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -536,7 +547,10 @@ async def run_async(cfg: LoadConfig) -> dict[str, Any]:
         t_begin = time.perf_counter()
         t_start = t_begin + cfg.warmup
         t_end = t_start + cfg.duration
-        await asyncio.gather(*(_worker(send, state, t_start, t_end) for _ in range(cfg.concurrency)))
+        await asyncio.gather(
+            _cpu_probe(state, t_start, t_end),
+            *(_worker(send, state, t_start, t_end) for _ in range(cfg.concurrency)),
+        )
     finally:
         await close()
     return summarize(state, cfg, work, loop_name, cfg.duration)

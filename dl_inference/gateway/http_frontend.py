@@ -11,7 +11,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import web
+from aiohttp import http_exceptions, web, web_protocol
 
 from dl_inference.dataplane import DataPlane
 from dl_inference.errors import InvalidArgument, ServerError
@@ -71,6 +71,11 @@ class HttpFrontend:
                 f"(setting max_request_bytes)",
                 413,
             )
+        except web_protocol.RequestPayloadError as exc:
+            # The body could not be read (corrupt Content-Encoding data, bad chunked framing): the client's fault.
+            cause = exc.__cause__
+            detail = cause.message if isinstance(cause, http_exceptions.HttpProcessingError) else str(exc)
+            return _error(f"cannot read the request body: {detail}", 400)
         except web.HTTPException as exc:
             if exc.status >= 400:
                 return _error(exc.reason or str(exc), exc.status)

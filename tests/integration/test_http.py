@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import time
 import urllib.error
@@ -38,9 +39,7 @@ def request(
     timeout: float = 60,
 ) -> tuple[int, dict[str, str], bytes]:
     """One raw HTTP request: (status, headers with lower-case names, body); HTTP errors are returned."""
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{port}{path}", data=body, method=method, headers=headers or {}
-    )
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method=method, headers=headers or {})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
@@ -53,9 +52,7 @@ def get(server: RunningServer, path: str) -> tuple[int, dict[str, str], bytes]:
 
 
 def post_json(server: RunningServer, path: str, obj: Any) -> tuple[int, dict[str, str], bytes]:
-    return request(
-        server.http_port, "POST", path, json.dumps(obj).encode(), {"Content-Type": "application/json"}
-    )
+    return request(server.http_port, "POST", path, json.dumps(obj).encode(), {"Content-Type": "application/json"})
 
 
 def post_binary(
@@ -225,6 +222,20 @@ def test_requested_output_subset_id_and_parameters(client: httpclient.InferenceS
     assert result.as_numpy("OUTPUT0") is None
 
 
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_request_and_response(
+    client: httpclient.InferenceServerClient, simple_reference: tuple[np.ndarray, np.ndarray], algorithm: str
+) -> None:
+    x, y = simple_reference
+    for binary in (True, False):
+        i = httpclient.InferInput("x", list(x.shape), "FP32")
+        i.set_data_from_numpy(x, binary_data=binary)
+        result = client.infer(
+            "simple", [i], request_compression_algorithm=algorithm, response_compression_algorithm=algorithm
+        )
+        np.testing.assert_array_equal(result.as_numpy("y"), y)
+
+
 def test_tritonclient_health_metadata_config(client: httpclient.InferenceServerClient) -> None:
     assert client.is_server_live() and client.is_server_ready()
     assert client.is_model_ready("simple") and client.is_model_ready("versioned", "2")
@@ -382,9 +393,7 @@ def test_header_length_zero_raw_binary(server: RunningServer, simple_reference: 
     assert (out["name"], out["datatype"], out["shape"]) == ("y", "FP32", [3, 4])  # 3 rows from 192 bytes
     np.testing.assert_array_equal(np.frombuffer(raws["y"], "<f4").reshape(3, 4), y)
 
-    status, msg = error_of(
-        request(server.http_port, "POST", "/v2/models/simple/infer", b"\0" * 70, {HEADER: "0"})
-    )
+    status, msg = error_of(request(server.http_port, "POST", "/v2/models/simple/infer", b"\0" * 70, {HEADER: "0"}))
     assert status == 400 and "'x'" in msg and "70" in msg, msg
     status, msg = error_of(request(server.http_port, "POST", "/v2/models/add_sub/infer", b"\0" * 64, {HEADER: "0"}))
     assert status == 400 and "one input" in msg, msg
@@ -455,7 +464,9 @@ def test_statistics_endpoints(server: RunningServer) -> None:
     names = {(m["name"], m["version"]) for m in json.loads(body)["model_stats"]}
     assert {("simple", "1"), ("add_sub", "1"), ("identity_all", "1"), ("versioned", "2")} <= names
     status, _, body = get(server, "/v2/models/versioned/versions/2/stats")
-    assert status == 200 and [(m["name"], m["version"]) for m in json.loads(body)["model_stats"]] == [("versioned", "2")]
+    assert status == 200 and [(m["name"], m["version"]) for m in json.loads(body)["model_stats"]] == [
+        ("versioned", "2")
+    ]
     assert error_of(get(server, "/v2/models/no_such_model/stats"))[0] == 404
 
 
@@ -503,7 +514,8 @@ def _out_of_range_body() -> bytes:
 
 _ERRORS = {
     "unknown-model": ("/v2/models/no_such_model/infer", _simple_req(), {}, 404, ["no_such_model"]),
-    "unknown-version": ("/v2/models/versioned/versions/9/infer", _simple_req(shape=[1, 4], data=[1] * 4), {}, 404, ["9"]),
+    "unknown-version": ("/v2/models/versioned/versions/9/infer", _simple_req(shape=[1, 4], data=[1] * 4), {}, 404,
+                        ["9"]),
     "wrong-datatype": ("/v2/models/simple/infer", _simple_req(datatype="INT32", data=[1] * 16), {}, 400,
                        ["'x'", "FP32", "INT32"]),
     "wrong-shape": ("/v2/models/simple/infer", _simple_req(shape=[1, 15], data=[0.5] * 15), {}, 400, ["'x'", "15"]),
@@ -526,16 +538,19 @@ _ERRORS = {
     "unknown-input": ("/v2/models/simple/infer", _simple_req(name="bogus"), {}, 400, ["'bogus'"]),
     "out-of-range-uint8": ("/v2/models/identity_all/infer", _out_of_range_body(), {}, 400, ["300", "UINT8"]),
     "bool-not-bool": ("/v2/models/identity_all/infer",
-                      json.dumps({"inputs": [{"name": "in_BOOL", "datatype": "BOOL", "shape": [1, 1], "data": [2]}]}).encode(),
+                      json.dumps({"inputs": [{"name": "in_BOOL", "datatype": "BOOL", "shape": [1, 1],
+                                              "data": [2]}]}).encode(),
                       {}, 400, ["BOOL"]),
     "unknown-output": ("/v2/models/simple/infer",
-                       json.dumps({"inputs": json.loads(_simple_req())["inputs"], "outputs": [{"name": "zz"}]}).encode(),
+                       json.dumps({"inputs": json.loads(_simple_req())["inputs"],
+                                   "outputs": [{"name": "zz"}]}).encode(),
                        {}, 400, ["'zz'"]),
     "binary-short": ("/v2/models/add_sub/infer", *_binary_req([64, 64], b"\0" * 100), 400, ["INPUT1"]),
     "binary-extra": ("/v2/models/add_sub/infer", *_binary_req([64, 64], b"\0" * 130), 400, ["128", "130"]),
     "binary-wrong-size": ("/v2/models/add_sub/infer", *_binary_req([60, 68], b"\0" * 128), 400, ["INPUT0", "64", "60"]),
     "header-past-body": ("/v2/models/simple/infer", b"{}", {HEADER: "50"}, 400, [HEADER]),
     "header-not-int": ("/v2/models/simple/infer", b"{}", {HEADER: "abc"}, 400, [HEADER]),
+    "corrupt-gzip": ("/v2/models/simple/infer", _simple_req(), {"Content-Encoding": "gzip"}, 400, ["gzip"]),
     "size-without-header": ("/v2/models/simple/infer", _simple_req(data=None, parameters={"binary_data_size": 64}), {},
                             400, ["binary_data_size"]),
 }  # fmt: skip
@@ -592,7 +607,11 @@ def test_request_over_the_limit(small_limit_server: RunningServer) -> None:
     rows = 2 * 1024 * 1024 // 64  # 2 MiB of FP32 [rows, 16]
     big = np.zeros((rows, 16), np.float32)
     head = json.dumps(
-        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [rows, 16], "parameters": {"binary_data_size": big.nbytes}}]}
+        {
+            "inputs": [
+                {"name": "x", "datatype": "FP32", "shape": [rows, 16], "parameters": {"binary_data_size": big.nbytes}}
+            ]
+        }
     ).encode()
     try:
         result = request(
@@ -603,6 +622,17 @@ def test_request_over_the_limit(small_limit_server: RunningServer) -> None:
     status, msg = error_of(result)
     assert status == 413, msg
     assert "1048576" in msg, msg
+    # The limit applies to the decompressed body (a 2 MiB body gzips to a few KiB).
+    status, msg = error_of(
+        request(
+            srv.http_port,
+            "POST",
+            "/v2/models/simple/infer",
+            gzip.compress(head + big.tobytes()),
+            {HEADER: str(len(head)), "Content-Encoding": "gzip"},
+        )
+    )
+    assert status == 413, msg
 
     # gRPC on the same server: RESOURCE_EXHAUSTED for a 2 MiB tensor.
     g = grpcclient.InferenceServerClient(srv.grpc_url)
@@ -623,12 +653,14 @@ def test_request_over_the_limit(small_limit_server: RunningServer) -> None:
         raws = [serialize_bytes(a) if t == "BYTES" else a.tobytes() for t, a in arrays.items()]
         head = json.dumps({"inputs": [
             {"name": f"in_{t}", "datatype": t, "shape": list(a.shape), "parameters": {"binary_data_size": len(r)}}
-            for (t, a), r in zip(arrays.items(), raws)
+            for (t, a), r in zip(arrays.items(), raws, strict=True)
         ], "outputs": [{"name": "out_UINT8", "parameters": {"binary_data": True}}]}).encode()  # fmt: skip
         n -= len(head) + sum(map(len, raws)) - limit
     body = head + b"".join(raws)
     assert len(body) == limit
-    status, headers, out = request(srv.http_port, "POST", "/v2/models/identity_all/infer", body, {HEADER: str(len(head))})
+    status, headers, out = request(
+        srv.http_port, "POST", "/v2/models/identity_all/infer", body, {HEADER: str(len(head))}
+    )
     assert status == 200, out
     _, got = split_response(headers, out)
     assert got["out_UINT8"] == arrays["UINT8"].tobytes()
