@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -10,7 +11,10 @@ T = TypeVar("T")
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:
+    """``DL_INFERENCE_LOOP=asyncio`` forces the standard loop (for comparisons and debugging)."""
     try:
+        if os.environ.get("DL_INFERENCE_LOOP") == "asyncio":
+            raise ImportError
         import uvloop
     except ImportError:
         return asyncio.run(main)

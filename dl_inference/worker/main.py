@@ -58,6 +58,7 @@ async def _report_failure(socket_path: str, token: str, reason: str) -> None:
         lambda: FrameProtocol(lambda *a: None, lambda e: done.set()), socket_path
     )
     proto.send(Kind.LOAD_FAILED, 0, pack_token(token, reason.encode()))
+    proto.flush()
     transport.close()
     await asyncio.wait_for(done.wait(), 5)
 

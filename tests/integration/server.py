@@ -86,7 +86,7 @@ def run_server(
         "--metrics-port", str(metrics_port),
         *extra,
     ]  # fmt: skip
-    log_file = open(log_path, "wb")  # noqa: SIM115 - closed below
+    log_file = open(log_path, "wb")
     proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=dict(os.environ))
     server = RunningServer(proc, http_port, grpc_port, metrics_port, log_path)
     try:

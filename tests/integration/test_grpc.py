@@ -183,7 +183,7 @@ def test_statistics_and_metrics(server: RunningServer, client: grpcclient.Infere
         assert getattr(after.inference_stats, part).ns > getattr(before.inference_stats, part).ns, part
     assert any(b.batch_size == 3 for b in after.batch_stats)
     text = urllib.request.urlopen(f"http://localhost:{server.metrics_port}/metrics").read().decode()
-    line = next(l for l in text.splitlines() if l.startswith('nv_inference_request_success{model="simple"'))
+    line = next(ln for ln in text.splitlines() if ln.startswith('nv_inference_request_success{model="simple"'))
     assert int(line.split()[-1]) == after.inference_stats.success.count
     for name in (
         "nv_inference_request_failure", "nv_inference_count", "nv_inference_exec_count",

@@ -112,7 +112,7 @@ def test_standalone_worker_serves_v2_grpc(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     scale_model(repo / "w", 6.0)
     port = free_port()
-    log = open(tmp_path / "worker.log", "wb")  # noqa: SIM115
+    log = open(tmp_path / "worker.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "dl_inference", "worker", "--model-repository", str(repo), "--model", "w",
          "--host", "127.0.0.1", "--grpc-port", str(port)],
