@@ -96,6 +96,7 @@ class FrameProtocol(asyncio.Protocol):
         self._buf = bytearray()
         self._need = HEADER.size
         self._out: list[bytes] = []
+        self._dispatching = False
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -128,11 +129,17 @@ class FrameProtocol(asyncio.Protocol):
                 self._need = hsize
         if offset:
             del buf[:offset]
-        for kind, rid, code, stats, payload in frames:
-            try:
-                self.on_frame(Kind(kind), rid, code, stats, payload)
-            except Exception:  # a handler bug must not kill the connection
-                log.exception("frame handler failed (kind=%s id=%s)", kind, rid)
+        # Replies produced while handling these frames leave together, right after (no extra loop turn).
+        self._dispatching = True
+        try:
+            for kind, rid, code, stats, payload in frames:
+                try:
+                    self.on_frame(Kind(kind), rid, code, stats, payload)
+                except Exception:  # a handler bug must not kill the connection
+                    log.exception("frame handler failed (kind=%s id=%s)", kind, rid)
+        finally:
+            self._dispatching = False
+        self.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -155,7 +162,7 @@ class FrameProtocol(asyncio.Protocol):
             self.flush()
             transport.writelines((header, payload))
             return True
-        if not self._out:
+        if not self._out and not self._dispatching:
             asyncio.get_running_loop().call_soon(self.flush)
         self._out.append(header + payload)
         return True

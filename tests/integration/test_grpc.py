@@ -227,3 +227,38 @@ def test_malformed_protobuf_is_invalid_argument(server: RunningServer) -> None:
         with pytest.raises(grpc.RpcError) as err:
             call(b"\x0a\x06simple\x2a\x05\x0a\x01x\xff", timeout=10)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_typed_contents_input(server: RunningServer) -> None:
+    """Inputs in typed ``contents`` (not raw) are accepted; outputs still come back raw."""
+    import grpc
+
+    from dl_inference.protocol.generated import grpc_service_pb2 as pb
+    from dl_inference.protocol.generated import grpc_service_pb2_grpc as pb_grpc
+
+    x = np.arange(32, dtype=np.float32).reshape(2, 16)
+    request = pb.ModelInferRequest(model_name="add_sub", id="typed")
+    for name in ("INPUT0", "INPUT1"):
+        tensor = request.inputs.add(name=name, datatype="FP32", shape=[2, 16])
+        tensor.contents.fp32_contents.extend(x.ravel().tolist())
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        response = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
+    assert response.id == "typed"
+    assert [o.name for o in response.outputs] == ["OUTPUT0", "OUTPUT1"]
+    np.testing.assert_array_equal(np.frombuffer(response.raw_output_contents[0], np.float32).reshape(2, 16), x + x)
+
+
+def test_grpc_health_and_reflection(server: RunningServer) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "inference.GRPCInferenceService"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        names = {s.name for r in replies for s in r.list_services_response.service}
+    assert {"inference.GRPCInferenceService", "grpc.health.v1.Health"} <= names
