@@ -49,28 +49,13 @@ from typing import Any
 
 import numpy as np
 
+from dl_inference.protocol.datatypes import V2_DATATYPES, element_size, numpy_dtype
+
 MODEL_INFER_PATH = "/inference.GRPCInferenceService/ModelInfer"
 MODEL_METADATA_PATH = "/inference.GRPCInferenceService/ModelMetadata"
 MAX_MESSAGE_BYTES = 2**31 - 1
 DEFAULT_PORTS = {"grpc": 8001, "http": 8000}
 
-# V2 datatype -> numpy dtype (BYTES handled apart).
-V2_NUMPY: dict[str, np.dtype] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype(np.uint8),
-    "UINT16": np.dtype(np.uint16),
-    "UINT32": np.dtype(np.uint32),
-    "UINT64": np.dtype(np.uint64),
-    "INT8": np.dtype(np.int8),
-    "INT16": np.dtype(np.int16),
-    "INT32": np.dtype(np.int32),
-    "INT64": np.dtype(np.int64),
-    "FP16": np.dtype(np.float16),
-    "FP32": np.dtype(np.float32),
-    "FP64": np.dtype(np.float64),
-}
-ELEMENT_SIZE: dict[str, int] = {name: dt.itemsize for name, dt in V2_NUMPY.items()}
-ELEMENT_SIZE["BF16"] = 2
 
 # A send function returns None on success or an error key ("UNAVAILABLE", "HTTP 503", "BAD_RESPONSE"...),
 # and may store a human-readable message for that key through the ``note`` callback.
@@ -145,9 +130,9 @@ def random_array(datatype: str, shape: list[int], rng: np.random.Generator) -> n
         return arr.reshape(shape)
     if datatype == "BF16":
         raise LoadgenError("BF16 inputs are not supported by loadgen")
-    dtype = V2_NUMPY.get(datatype)
-    if dtype is None:
+    if datatype not in V2_DATATYPES:
         raise LoadgenError(f"unknown datatype {datatype}")
+    dtype = numpy_dtype(datatype)
     if dtype.kind == "b":
         return rng.integers(0, 2, size=shape).astype(dtype)
     if dtype.kind in "iu":
@@ -208,7 +193,7 @@ def check_output(
     count = math.prod(shape)
     if n_elements is not None and n_elements != count:
         return f"output '{spec.name}': {n_elements} elements for shape {shape}"
-    size = ELEMENT_SIZE.get(datatype)
+    size = element_size(datatype) if datatype in V2_DATATYPES else None
     if n_bytes is not None and size is not None and n_bytes != count * size:
         return f"output '{spec.name}': {n_bytes} raw bytes for shape {shape} {datatype}"
     return None

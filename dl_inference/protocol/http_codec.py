@@ -330,6 +330,14 @@ def _check_count(n: int, count: int, datatype: str, shape: list[int], label: str
 # --------------------------------------------------------------------------------------------------
 
 
+def _pop_bool(params: dict[str, Any], key: str, what: str) -> bool | None:
+    """Remove ``key`` from ``params``; it must be a JSON boolean when present."""
+    value = params.pop(key, None)
+    if value is not None and not isinstance(value, bool):
+        raise InvalidArgument(f"{what} '{key}' must be a boolean, got {_json_type(value)}")
+    return value
+
+
 def parse_infer_request(
     body: bytes,
     header_length: int | None,
@@ -380,12 +388,8 @@ def parse_infer_request(
         if not isinstance(params, dict):
             raise InvalidArgument(f"request 'parameters' must be a JSON object, got {_json_type(params)}")
         params = dict(params)
-        bdo = params.pop("binary_data_output", None)
+        bdo = _pop_bool(params, "binary_data_output", "request parameter")
         if bdo is not None:
-            if not isinstance(bdo, bool):
-                raise InvalidArgument(
-                    f"request parameter 'binary_data_output' must be a boolean, got {_json_type(bdo)}"
-                )
             policy.binary_data_output = bdo
         json_to_parameters(params, request.parameters, "request parameter")
 
@@ -477,12 +481,8 @@ def parse_infer_request(
                 if not isinstance(out_params, dict):
                     raise InvalidArgument(f"{label}: 'parameters' must be a JSON object, got {_json_type(out_params)}")
                 out_params = dict(out_params)
-                binary_flag = out_params.pop("binary_data", None)
+                binary_flag = _pop_bool(out_params, "binary_data", f"{label}: parameter")
                 if binary_flag is not None:
-                    if not isinstance(binary_flag, bool):
-                        raise InvalidArgument(
-                            f"{label}: parameter 'binary_data' must be a boolean, got {_json_type(binary_flag)}"
-                        )
                     policy.binary_outputs[name] = binary_flag
                 json_to_parameters(out_params, out.parameters, f"{label} parameter")
     return request, policy
