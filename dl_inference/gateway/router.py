@@ -23,6 +23,7 @@ from dl_inference.errors import (
     NotFound,
     ServerError,
     Unavailable,
+    Unimplemented,
 )
 from dl_inference.gateway.models import Model, ModelVersion, State
 from dl_inference.gateway.workers import LoadFailed, WorkerGone, WorkerInstance, WorkerPool, WorkerSpec
@@ -217,6 +218,11 @@ class GatewayDataPlane(DataPlane):
                 f"'{self.settings.model_control_mode}' (start the server with --model-control-mode explicit)"
             )
         validate_model_name(name)
+        if parameters:
+            raise Unimplemented(
+                f"load parameters ({', '.join(sorted(parameters))}) are not supported: this server loads "
+                f"models only from the files in its repository"
+            )
         source = await asyncio.to_thread(scan_model, self.repository, name)
         await self._load(source)
 

@@ -41,6 +41,7 @@ class InstanceExecutor:
         self._queued = 0
         self._finished = 0
         self._queue: queue.SimpleQueue[tuple[int, bytes, int, Done] | None] = queue.SimpleQueue()
+        self._waiting: set[int] = set()  # queued for the thread, not started
         self._cancelled: set[int] = set()
         self._thread = threading.Thread(target=self._work, name=f"exec-{runner.name}", daemon=True)
         self._thread.start()
@@ -52,11 +53,13 @@ class InstanceExecutor:
             done(rid, response, stats, error)
             return
         self._queued += 1
+        self._waiting.add(rid)
         self._queue.put((rid, payload, now, done))
 
     def cancel(self, rid: int) -> None:
         """Skip ``rid`` if it has not started; its ``done`` is then never called."""
-        self._cancelled.add(rid)
+        if rid in self._waiting:
+            self._cancelled.add(rid)
 
     def close(self) -> None:
         self._queue.put(None)
@@ -75,6 +78,7 @@ class InstanceExecutor:
             if item is None:
                 return
             rid, payload, enqueued, done = item
+            self._waiting.discard(rid)
             if rid in self._cancelled:
                 self._cancelled.discard(rid)
                 self._finished += 1

@@ -62,6 +62,9 @@ def test_explicit_load_and_unload(tmp_path: Path) -> None:
         with pytest.raises(InferenceServerException) as err:
             c.load_model("../etc")
         assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
+        with pytest.raises(InferenceServerException) as err:
+            c.load_model("double", config='{"max_batch_size": 2}')
+        assert err.value.status() == "StatusCode.UNIMPLEMENTED" and "config" in err.value.message()
         c.load_model("double")
         np.testing.assert_allclose(c.infer("double", [inp]).as_numpy("y"), x * 2)
         assert c.is_server_ready()

@@ -1,0 +1,155 @@
+"""Frames over a real socket pair, request routing from raw bytes, and the execution path."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+
+import pytest
+
+from dl_inference.errors import InvalidArgument, ServerError
+from dl_inference.protocol.framing import ExecStats, FrameProtocol, Kind
+from dl_inference.protocol.generated import grpc_service_pb2 as pb
+from dl_inference.protocol.wire import route_fields, stream_response
+from dl_inference.worker.executor import InstanceExecutor
+
+
+async def _pair() -> tuple[FrameProtocol, FrameProtocol, list[tuple], list[tuple]]:
+    a_sock, b_sock = socket.socketpair()
+    got_a: list[tuple] = []
+    got_b: list[tuple] = []
+    loop = asyncio.get_running_loop()
+    _, a = await loop.create_connection(
+        lambda: FrameProtocol(lambda *f: got_a.append(f), lambda e: None), sock=a_sock
+    )
+    _, b = await loop.create_connection(
+        lambda: FrameProtocol(lambda *f: got_b.append(f), lambda e: None), sock=b_sock
+    )
+    return a, b, got_a, got_b
+
+
+def test_frames_survive_any_chunking_and_keep_stats() -> None:
+    async def main() -> None:
+        a, b, _, got_b = await _pair()
+        big = bytes(range(256)) * 1000  # above the coalescing limit: written at once
+        stats = ExecStats(1, 2, 3, 4, 5, True)
+        a.send(Kind.INFER, 7, b"hello")
+        a.send(Kind.RESULT, 8, big, stats=stats)
+        a.send(Kind.ERROR, 9, b"bad", code=3, stats=stats)
+        a.send(Kind.CANCEL, 10, b"")
+        for _ in range(100):
+            if len(got_b) == 4:
+                break
+            await asyncio.sleep(0.01)
+        kinds = [(k, rid, code) for k, rid, code, _, _ in got_b]
+        assert kinds == [(Kind.INFER, 7, 0), (Kind.RESULT, 8, 0), (Kind.ERROR, 9, 3), (Kind.CANCEL, 10, 0)]
+        assert got_b[0][3] is None and got_b[0][4] == b"hello"
+        assert got_b[1][3] == stats and got_b[1][4] == big
+        assert got_b[2][4] == b"bad"
+
+    asyncio.run(main())
+
+
+def test_byte_at_a_time_delivery() -> None:
+    got: list[tuple] = []
+    proto = FrameProtocol(lambda *f: got.append(f), lambda e: None)
+    sink = FrameProtocol(lambda *f: None, lambda e: None)
+
+    class Capture:
+        data = b""
+
+        def write(self, d: bytes) -> None:
+            self.data += d
+
+        def writelines(self, parts: list[bytes]) -> None:
+            self.data += b"".join(parts)
+
+        def is_closing(self) -> bool:
+            return False
+
+    capture = Capture()
+    sink.transport = capture  # type: ignore[assignment]
+    sink._dispatching = True  # queue without a running loop; flushed by hand below
+    sink.send(Kind.INFER, 1, b"abc")
+    sink.send(Kind.RESULT, 2, b"xyz", stats=ExecStats(queue_ns=9))
+    sink.flush()
+    for i in range(len(capture.data)):
+        proto.data_received(capture.data[i : i + 1])
+    assert [(f[0], f[1], f[4]) for f in got] == [(Kind.INFER, 1, b"abc"), (Kind.RESULT, 2, b"xyz")]
+    assert got[1][3].queue_ns == 9
+
+
+def test_route_fields_reads_name_and_version_only() -> None:
+    req = pb.ModelInferRequest(model_name="m\u00e9", model_version="3", id="x")
+    req.inputs.add(name="a", datatype="FP32", shape=[1, 2])
+    req.raw_input_contents.append(b"\0" * 8)
+    assert route_fields(req.SerializeToString()) == ("m\u00e9", "3")
+    assert route_fields(b"") == ("", "")
+    for bad in (b"\x0a\x05ab", b"\x0a", b"\x0f\x00", b"\xff" * 11):
+        with pytest.raises(InvalidArgument):
+            route_fields(bad)
+
+
+def test_stream_response_is_a_valid_message() -> None:
+    inner = pb.ModelInferResponse(model_name="m", id="1").SerializeToString()
+    msg = pb.ModelStreamInferResponse.FromString(stream_response(inner, ""))
+    assert msg.infer_response.model_name == "m" and not msg.error_message
+    msg = pb.ModelStreamInferResponse.FromString(stream_response(None, "boom" * 100))
+    assert msg.error_message == "boom" * 100 and not msg.HasField("infer_response")
+
+
+class FakeRunner:
+    """Stands in for ModelRunner: sleeps ``delay`` and echoes the payload."""
+
+    name = "fake"
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.threads: list[str] = []
+
+    def run(self, payload: bytes, enqueued: int) -> tuple[bytes | None, ExecStats, ServerError | None]:
+        self.threads.append(threading.current_thread().name)
+        time.sleep(self.delay)
+        return payload, ExecStats(batch_size=1), None
+
+
+
+
+def test_slow_requests_run_on_the_thread_and_can_be_cancelled() -> None:
+    results: list[int] = []
+
+    async def main() -> None:
+        ex = InstanceExecutor(FakeRunner(0.02), asyncio.get_running_loop())  # type: ignore[arg-type]
+        for rid in range(5):
+            ex.submit(rid, b"p", lambda rid, body, stats, err: results.append(rid))
+        ex.cancel(3)
+        ex.cancel(99)  # unknown ids are ignored
+        for _ in range(300):
+            if len(results) == 4:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        assert all(t.startswith("exec-") for t in ex.runner.threads)  # type: ignore[attr-defined]
+        ex.close()
+
+    asyncio.run(main())
+    assert results == [0, 1, 2, 4]
+
+
+def test_fast_requests_run_inline_once_measured() -> None:
+    async def main() -> list[str]:
+        runner = FakeRunner(0.0)
+        ex = InstanceExecutor(runner, asyncio.get_running_loop())  # type: ignore[arg-type]
+        done: list[int] = []
+        for rid in range(50):
+            ex.submit(rid, b"p", lambda rid, body, stats, err: done.append(rid))
+            await asyncio.sleep(0.002)
+        ex.close()
+        assert sorted(done) == list(range(50))
+        return runner.threads
+
+    threads = asyncio.run(main())
+    assert threads[0].startswith("exec-")  # unmeasured: thread first
+    assert threads[-1] == "MainThread"  # measured fast: inline on the loop
