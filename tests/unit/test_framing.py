@@ -32,7 +32,7 @@ async def _pair() -> tuple[FrameProtocol, FrameProtocol, list[tuple], list[tuple
 
 def test_frames_survive_any_chunking_and_keep_stats() -> None:
     async def main() -> None:
-        a, b, _, got_b = await _pair()
+        a, _b, _, got_b = await _pair()
         big = bytes(range(256)) * 1000  # above the coalescing limit: written at once
         stats = ExecStats(1, 2, 3, 4, 5, True)
         a.send(Kind.INFER, 7, b"hello")
