@@ -82,7 +82,7 @@ class WorkerInstance:
         rid = next(self._ids)
         fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self.pending[rid] = fut
-        if not proto.send(Kind.INFER, rid, payload):
+        if not proto.send(Kind.INFER, rid, payload, urgent=len(self.pending) == 1):
             del self.pending[rid]
             raise WorkerGone(f"worker {self.spec.label} connection is closed")
         try:

@@ -145,11 +145,20 @@ class FrameProtocol(asyncio.Protocol):
         self.transport = None
         self.on_lost(exc)
 
-    def send(self, kind: Kind, rid: int, payload: bytes, code: int = 0, stats: ExecStats | None = None) -> bool:
+    def send(
+        self,
+        kind: Kind,
+        rid: int,
+        payload: bytes,
+        code: int = 0,
+        stats: ExecStats | None = None,
+        urgent: bool = False,
+    ) -> bool:
         """Queue one frame; False if the connection is gone. RESULT/ERROR frames need ``stats``.
 
         Small frames queued during one event-loop iteration leave in one write (one syscall, one
         wake-up on the other side) instead of one each; under load that is most of this hop's cost.
+        ``urgent`` writes at once instead (the sender knows nothing else is coming: low load).
         """
         transport = self.transport
         if transport is None or transport.is_closing():
@@ -161,6 +170,9 @@ class FrameProtocol(asyncio.Protocol):
         if len(payload) >= 65536:
             self.flush()
             transport.writelines((header, payload))
+            return True
+        if urgent and not self._out and not self._dispatching:
+            transport.write(header + payload)
             return True
         if not self._out and not self._dispatching:
             asyncio.get_running_loop().call_soon(self.flush)
