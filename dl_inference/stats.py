@@ -53,7 +53,7 @@ class ModelStats:
         self.compute_input.add(stats.compute_input_ns)
         self.compute_infer.add(stats.compute_infer_ns)
         self.compute_output.add(stats.compute_output_ns)
-        self.inference_count += max(stats.batch_size, 1)
+        self.inference_count += max(stats.rows, 1)
         if stats.counts_execution:
             self.execution_count += 1
             batch = self.batches.get(stats.batch_size)

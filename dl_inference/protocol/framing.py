@@ -26,9 +26,9 @@ from dataclasses import dataclass
 log = logging.getLogger(__name__)
 
 HEADER = struct.Struct("<IQBB2x")
-# queue_ns, compute_input_ns, compute_infer_ns, compute_output_ns, batch size of the execution
-# this request ran in, 1 if this request accounts for that execution (one per batch) else 0.
-STATS = struct.Struct("<QQQQIB3x")
+# queue_ns, compute_input_ns, compute_infer_ns, compute_output_ns, the request's own rows, the batch
+# size of the execution it ran in, 1 if this request accounts for that execution (one per batch).
+STATS = struct.Struct("<QQQQIIB3x")
 TOKEN_LEN = struct.Struct("<H")
 MAX_PAYLOAD = 0xFFFFFFFF
 
@@ -50,6 +50,7 @@ class ExecStats:
     compute_input_ns: int = 0
     compute_infer_ns: int = 0
     compute_output_ns: int = 0
+    rows: int = 0
     batch_size: int = 0
     counts_execution: bool = False
 
@@ -59,6 +60,7 @@ class ExecStats:
             self.compute_input_ns,
             self.compute_infer_ns,
             self.compute_output_ns,
+            self.rows,
             self.batch_size,
             1 if self.counts_execution else 0,
         )

@@ -1,4 +1,4 @@
-"""Runs V2 requests against one loaded backend: validate, decode, infer, encode.
+"""Runs V2 requests against one loaded backend: validate and decode each, infer per batch, encode.
 
 Everything here is transport-free apart from the V2 protobuf messages that are this hop's payload.
 """
@@ -16,7 +16,6 @@ from google.protobuf.message import DecodeError
 
 from dl_inference.backends.base import Backend
 from dl_inference.errors import InternalError, InvalidArgument, NotFound, ServerError
-from dl_inference.protocol.framing import ExecStats
 from dl_inference.protocol.generated import grpc_service_pb2 as pb
 from dl_inference.protocol.generated import model_config_pb2 as mc
 from dl_inference.protocol.model_info import dtype_name
@@ -44,12 +43,43 @@ def _specs(tensors: Sequence[mc.ModelInput] | Sequence[mc.ModelOutput]) -> dict[
     return specs
 
 
+@dataclass(slots=True)
+class Prepared:
+    """One validated request, decoded and ready to join a batch."""
+
+    request_id: str
+    inputs: dict[str, np.ndarray]
+    outputs: list[str]
+    rows: int
+    key: tuple[object, ...]
+    priority: int | None
+    timeout_us: int | None
+    prepare_ns: int
+
+
+@dataclass(slots=True)
+class ExecTimes:
+    """Where one execution's time went (shared by every request of the batch, as in Triton)."""
+
+    input_ns: int = 0
+    infer_ns: int = 0
+    output_ns: int = 0
+
+    def add(self, other: ExecTimes) -> None:
+        self.input_ns += other.input_ns
+        self.infer_ns += other.infer_ns
+        self.output_ns += other.output_ns
+
+
+Outcome = tuple["bytes | None", "ServerError | None"]
+
+
 def _fmt(shape: Sequence[int]) -> str:
     return "[" + ",".join(str(d) for d in shape) + "]"
 
 
 class ModelRunner:
-    """One model instance's request path. ``run`` is called from the instance's execution thread."""
+    """One model instance's request path: ``prepare`` per request, ``execute`` per batch."""
 
     def __init__(self, backend: Backend, config: mc.ModelConfig, version: str) -> None:
         self.backend = backend
@@ -120,46 +150,93 @@ class ModelRunner:
             names.append(out.name)
         return names
 
-    # -- execution ----------------------------------------------------------------------------
-    def run(self, payload: bytes, enqueued_ns: int) -> tuple[bytes | None, ExecStats, ServerError | None]:
-        """Serve one serialized request; return the serialized response.
-
-        Never raises: errors come back as the third element.
-        """
+    # -- per request: parse, validate, decode --------------------------------------------------
+    def prepare(self, payload: bytes) -> Prepared:
+        """Parse and validate one serialized request; raise ServerError naming what is wrong."""
         start = time.monotonic_ns()
-        stats = ExecStats(queue_ns=max(start - enqueued_ns, 0))
         try:
-            try:
-                request = pb.ModelInferRequest.FromString(payload)
-            except DecodeError as exc:
-                raise InvalidArgument(f"malformed ModelInferRequest: {exc}") from None
-            if request.model_name and request.model_name != self.name:
-                raise NotFound(f"unknown model '{request.model_name}' (this worker serves '{self.name}')")
-            batch = self._check_inputs(request)
-            output_names = self._requested_outputs(request)
-            inputs = decode_inputs(request)
-            for name, arr in list(inputs.items()):
-                reshape = self.inputs[name].reshape
-                if reshape is not None:
-                    lead = [arr.shape[0]] if self.max_batch_size > 0 else []
-                    inputs[name] = arr.reshape([*lead, *reshape])
-            t_in = time.monotonic_ns()
-            results = self.backend.infer(inputs, output_names)
-            t_run = time.monotonic_ns()
-            outputs = [(name, self._shape_output(name, results, batch)) for name in output_names]
-            response = build_response(self.name, self.version, request.id, outputs).SerializeToString()
-            t_out = time.monotonic_ns()
+            request = pb.ModelInferRequest.FromString(payload)
+        except DecodeError as exc:
+            raise InvalidArgument(f"malformed ModelInferRequest: {exc}") from None
+        if request.model_name and request.model_name != self.name:
+            raise NotFound(f"unknown model '{request.model_name}' (this worker serves '{self.name}')")
+        rows = self._check_inputs(request)
+        output_names = self._requested_outputs(request)
+        inputs = decode_inputs(request)
+        lead = self.max_batch_size > 0
+        for name, arr in list(inputs.items()):
+            reshape = self.inputs[name].reshape
+            if reshape is not None:
+                inputs[name] = arr.reshape([arr.shape[0], *reshape] if lead else list(reshape))
+        # Requests may share one backend call only when everything but the batch dimension agrees.
+        key = tuple(sorted((n, a.dtype.str, a.shape[1:] if lead else a.shape) for n, a in inputs.items()))
+        return Prepared(
+            request_id=request.id,
+            inputs=inputs,
+            outputs=output_names,
+            rows=rows,
+            key=key,
+            priority=_int_parameter(request, "priority"),
+            timeout_us=_int_parameter(request, "timeout"),
+            prepare_ns=time.monotonic_ns() - start,
+        )
+
+    # -- per batch: one backend call, outputs split back -----------------------------------------
+    def execute(self, batch: Sequence[Prepared]) -> tuple[list[Outcome], ExecTimes]:
+        """Run ``batch`` as one backend call; one outcome (response bytes or error) per request.
+
+        If a batch of several requests fails with a client error, each request is run again alone
+        so that only the request at fault fails.
+        """
+        try:
+            return self._execute(batch)
         except ServerError as exc:
-            return None, stats, exc
+            if len(batch) == 1 or exc.http_status >= 500:
+                return [(None, exc)] * len(batch), ExecTimes()
         except Exception as exc:  # backend bug or framework error: report, keep serving
             log.exception("inference failed for model '%s'", self.name)
-            return None, stats, InternalError(f"inference failed for model '{self.name}': {exc}")
-        stats.compute_input_ns = t_in - start
-        stats.compute_infer_ns = t_run - t_in
-        stats.compute_output_ns = t_out - t_run
-        stats.batch_size = batch
-        stats.counts_execution = True
-        return response, stats, None
+            error = InternalError(f"inference failed for model '{self.name}': {exc}")
+            return [(None, error)] * len(batch), ExecTimes()
+        outcomes: list[Outcome] = []
+        times = ExecTimes()
+        for item in batch:
+            (outcome,), t = self.execute([item])
+            outcomes.append(outcome)
+            times.add(t)
+        return outcomes, times
+
+    def _execute(self, batch: Sequence[Prepared]) -> tuple[list[Outcome], ExecTimes]:
+        t0 = time.monotonic_ns()
+        if len(batch) == 1:
+            inputs = batch[0].inputs
+        else:
+            inputs = {name: np.concatenate([p.inputs[name] for p in batch]) for name in batch[0].inputs}
+        wanted = set().union(*(p.outputs for p in batch)) if len(batch) > 1 else set(batch[0].outputs)
+        output_names = [n for n in self.output_order if n in wanted]
+        t1 = time.monotonic_ns()
+        results = self.backend.infer(inputs, output_names)
+        t2 = time.monotonic_ns()
+        total = sum(p.rows for p in batch)
+        shaped = {name: self._shape_output(name, results, total) for name in output_names}
+        if self.max_batch_size > 0 and len(batch) > 1:
+            for name, arr in shaped.items():
+                if arr.ndim == 0 or arr.shape[0] != total:
+                    raise InternalError(
+                        f"model '{self.name}': output '{name}' has shape {list(arr.shape)}, "
+                        f"which does not split into the batch of {total} rows"
+                    )
+        outcomes: list[Outcome] = []
+        offset = 0
+        for p in batch:
+            if len(batch) == 1:
+                outs = [(n, shaped[n]) for n in p.outputs]
+            else:
+                outs = [(n, shaped[n][offset : offset + p.rows]) for n in p.outputs]
+            offset += p.rows
+            body = build_response(self.name, self.version, p.request_id, outs).SerializeToString()
+            outcomes.append((body, None))
+        t3 = time.monotonic_ns()
+        return outcomes, ExecTimes(t1 - t0, t2 - t1, t3 - t2)
 
     def _shape_output(self, name: str, results: dict[str, np.ndarray], batch: int) -> np.ndarray:
         try:
@@ -173,3 +250,17 @@ class ModelRunner:
             if all(d >= 0 for d in target) and math.prod(target) == arr.size:
                 arr = arr.reshape(target)
         return arr
+
+
+def _int_parameter(request: pb.ModelInferRequest, key: str) -> int | None:
+    """An integer request parameter (``priority``, ``timeout``), or None when absent."""
+    if key not in request.parameters:
+        return None
+    param = request.parameters[key]
+    kind = param.WhichOneof("parameter_choice")
+    if kind not in ("int64_param", "uint64_param"):
+        raise InvalidArgument(f"request parameter '{key}' must be an integer, got {kind or 'nothing'}")
+    value = int(getattr(param, kind))
+    if value < 0:
+        raise InvalidArgument(f"request parameter '{key}' must not be negative, got {value}")
+    return value

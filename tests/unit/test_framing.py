@@ -1,19 +1,16 @@
-"""Frames over a real socket pair, request routing from raw bytes, and the execution path."""
+"""Frames over a real socket pair, and request routing from raw bytes."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
-import threading
-import time
 
 import pytest
 
-from dl_inference.errors import InvalidArgument, ServerError
+from dl_inference.errors import InvalidArgument
 from dl_inference.protocol.framing import ExecStats, FrameProtocol, Kind
 from dl_inference.protocol.generated import grpc_service_pb2 as pb
 from dl_inference.protocol.wire import route_fields, stream_response
-from dl_inference.worker.executor import InstanceExecutor
 
 
 async def _pair() -> tuple[FrameProtocol, FrameProtocol, list[tuple], list[tuple]]:
@@ -34,7 +31,7 @@ def test_frames_survive_any_chunking_and_keep_stats() -> None:
     async def main() -> None:
         a, _b, _, got_b = await _pair()
         big = bytes(range(256)) * 1000  # above the coalescing limit: written at once
-        stats = ExecStats(1, 2, 3, 4, 5, True)
+        stats = ExecStats(1, 2, 3, 4, 5, 6, True)
         a.send(Kind.INFER, 7, b"hello")
         a.send(Kind.RESULT, 8, big, stats=stats)
         a.send(Kind.ERROR, 9, b"bad", code=3, stats=stats)
@@ -98,58 +95,3 @@ def test_stream_response_is_a_valid_message() -> None:
     assert msg.infer_response.model_name == "m" and not msg.error_message
     msg = pb.ModelStreamInferResponse.FromString(stream_response(None, "boom" * 100))
     assert msg.error_message == "boom" * 100 and not msg.HasField("infer_response")
-
-
-class FakeRunner:
-    """Stands in for ModelRunner: sleeps ``delay`` and echoes the payload."""
-
-    name = "fake"
-
-    def __init__(self, delay: float) -> None:
-        self.delay = delay
-        self.threads: list[str] = []
-
-    def run(self, payload: bytes, enqueued: int) -> tuple[bytes | None, ExecStats, ServerError | None]:
-        self.threads.append(threading.current_thread().name)
-        time.sleep(self.delay)
-        return payload, ExecStats(batch_size=1), None
-
-
-
-
-def test_slow_requests_run_on_the_thread_and_can_be_cancelled() -> None:
-    results: list[int] = []
-
-    async def main() -> None:
-        ex = InstanceExecutor(FakeRunner(0.02), asyncio.get_running_loop())  # type: ignore[arg-type]
-        for rid in range(5):
-            ex.submit(rid, b"p", lambda rid, body, stats, err: results.append(rid))
-        ex.cancel(3)
-        ex.cancel(99)  # unknown ids are ignored
-        for _ in range(300):
-            if len(results) == 4:
-                break
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.05)
-        assert all(t.startswith("exec-") for t in ex.runner.threads)  # type: ignore[attr-defined]
-        ex.close()
-
-    asyncio.run(main())
-    assert results == [0, 1, 2, 4]
-
-
-def test_fast_requests_run_inline_once_measured() -> None:
-    async def main() -> list[str]:
-        runner = FakeRunner(0.0)
-        ex = InstanceExecutor(runner, asyncio.get_running_loop())  # type: ignore[arg-type]
-        done: list[int] = []
-        for rid in range(50):
-            ex.submit(rid, b"p", lambda rid, body, stats, err: done.append(rid))
-            await asyncio.sleep(0.002)
-        ex.close()
-        assert sorted(done) == list(range(50))
-        return runner.threads
-
-    threads = asyncio.run(main())
-    assert threads[0].startswith("exec-")  # unmeasured: thread first
-    assert threads[-1] == "MainThread"  # measured fast: inline on the loop
