@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from dl_inference.repository.config import backend_name, load_model_config, vali
 from dl_inference.repository.scan import resolve_inside, validate_model_name
 from dl_inference.repository.versions import list_versions, select_versions
 from dl_inference.worker.runner import ModelRunner
+from dl_inference.worker.warmup import run_warmup
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,13 @@ def load_model_version(
     version_dir = available[version]
     backend = get_backend(backend_name(config, version_dir))
     completed = backend.load(version_dir, config, device, device_id)
-    validate_config(completed)
+    try:
+        validate_config(completed)
+        run_warmup(backend, completed, version_dir)  # before HELLO: the model is not ready until warm
+    except BaseException:
+        with contextlib.suppress(Exception):
+            backend.unload()
+        raise
     runner = ModelRunner(backend, completed, str(version))
     took = time.monotonic() - start
     log.info("loaded model '%s' version %d on %s in %.2f s", name, version, device, took)
