@@ -142,3 +142,41 @@ def test_standalone_worker_serves_v2_grpc(tmp_path: Path) -> None:
         proc.terminate()
         proc.wait(30)
         log.close()
+
+
+def _cpu_seconds(pid: int) -> float:
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_gpu_instance_group_spawns_one_worker_per_gpu_and_spreads_load(tmp_path: Path) -> None:
+    import concurrent.futures
+
+    from tests.integration.models import slow_model
+
+    repo = tmp_path / "repo"
+    slow_model(repo / "g", instances=1, layers=32)
+    (repo / "g" / "config.pbtxt").write_text(
+        'name: "g"\nmax_batch_size: 8\ninstance_group [{ count: 1, kind: KIND_GPU, gpus: [0, 1] }]\n'
+    )
+    with run_server(repo, tmp_path / "log") as srv:
+        pids = srv.worker_pids("g")
+        assert len(pids) == 2
+        cmdlines = [Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0") for p in pids]
+        devices = sorted(cmd[cmd.index(b"--device-id") + 1] for cmd in cmdlines)
+        assert devices == [b"0", b"1"] and all(b"gpu" in cmd for cmd in cmdlines)
+        before = {p: _cpu_seconds(p) for p in pids}
+        x = np.ones((4, 512), np.float32)
+
+        def call(_: int) -> None:
+            c = grpcclient.InferenceServerClient(srv.grpc_url)
+            i = grpcclient.InferInput("x", [4, 512], "FP32")
+            i.set_data_from_numpy(x)
+            assert c.infer("g", [i]).as_numpy("y").shape == (4, 512)
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            list(pool.map(call, range(64)))
+        used = {p: _cpu_seconds(p) - before[p] for p in pids}
+        assert all(u > 0.05 for u in used.values()), used  # both instances did real work
