@@ -23,6 +23,8 @@ from dl_inference.errors import InvalidArgument, ResourceExhausted, ServerError,
 from dl_inference.protocol.generated import model_config_pb2 as mc
 from dl_inference.worker.runner import Prepared
 
+TIMER_SLACK_NS = 300_000
+
 
 @dataclass(frozen=True)
 class LevelPolicy:
@@ -181,7 +183,9 @@ class RequestQueue:
                     rows += p.prepared.rows
                     if rows == policy.max_batch_size:
                         break
-        ready_at = head.arrival_ns + policy.delay_ns
+        # Event-loop timers fire late by up to a millisecond; leave a little early instead, so that
+        # the delay a lone request sees stays within max_queue_delay.
+        ready_at = head.arrival_ns + max(policy.delay_ns - TIMER_SLACK_NS, 0)
         if (
             not policy.dynamic
             or rows >= policy.max_batch_size
