@@ -497,6 +497,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global IMAGE, WIDTH  # the model's size, read by the helpers above
     p = argparse.ArgumentParser(
         prog="python -m load_tests.bench_batching", description="same CNN with and without dynamic batching"
     )
@@ -516,7 +517,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep-logs", action="store_true", help="keep the temp dir with the server log (kept on errors)")
     p.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     args = p.parse_args(argv)
-    global IMAGE, WIDTH  # the model's size, read by the helpers above
     IMAGE, WIDTH = args.image, args.width
 
     workdir = Path(tempfile.mkdtemp(prefix="bench_batching_"))

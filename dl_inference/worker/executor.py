@@ -93,40 +93,47 @@ class InstanceExecutor:
 
     # -- scheduling (event loop) ----------------------------------------------------------------
     def _schedule(self) -> None:
+        """Answer expired requests, then start the next batch or arm a timer for when to look again.
+
+        A loop, not recursion: inline batches finish before the next one is formed.
+        """
         self._schedule_soon = False
-        if self._running:
-            return
-        now = time.monotonic_ns()
-        rejected, next_deadline = self.queue.expire(now)
-        for item in rejected:
-            self._by_rid.pop(item.rid, None)
-            self._release(item, None, ExecStats(queue_ns=now - item.arrival_ns), timeout_error())
-        batch, wait_until = self.queue.take_batch(now)
-        if batch:
+        while True:
+            now = time.monotonic_ns()
+            rejected, next_deadline = self.queue.expire(now)
+            for item in rejected:
+                self._by_rid.pop(item.rid, None)
+                self._release(item, None, ExecStats(queue_ns=now - item.arrival_ns), timeout_error())
+            if self._running:
+                self._arm(next_deadline, now)
+                return
+            batch, wait_until = self.queue.take_batch(now)
+            if not batch:
+                wakes = [t for t in (wait_until, next_deadline) if t is not None]
+                self._arm(min(wakes) if wakes else None, now)
+                return
             for item in batch:
                 self._by_rid.pop(item.rid, None)
-            self._dispatch(batch, now)
+            self._running = True
+            if self._inline and self._avg_ns < INLINE_BELOW_NS:
+                outcomes, times = self._execute(batch)
+                self._finish(batch, outcomes, times, now, reschedule=False)
+                continue
+            self._work.put(batch)
             return
-        times = [t for t in (wait_until, next_deadline) if t is not None]
-        wake = min(times) if times else None
-        if wake is not None and wake != self._timer_at:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer_at = wake
-            self._timer = self._loop.call_later(max(wake - now, 0) / 1e9, self._on_timer)
+
+    def _arm(self, wake: int | None, now: int) -> None:
+        if wake is None or wake == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = wake
+        self._timer = self._loop.call_later(max(wake - now, 0) / 1e9, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = None
         self._schedule()
-
-    def _dispatch(self, batch: list[Pending], now: int) -> None:
-        self._running = True
-        if self._inline and self._avg_ns < INLINE_BELOW_NS:
-            outcomes, times = self._execute(batch)
-            self._finish(batch, outcomes, times, now)
-        else:
-            self._work.put(batch)
 
     def _execute(self, batch: list[Pending]) -> tuple[list[Outcome], ExecTimes]:
         start = time.monotonic_ns()
@@ -147,7 +154,14 @@ class InstanceExecutor:
             except RuntimeError:  # loop closed: shutting down
                 return
 
-    def _finish(self, batch: Sequence[Pending], outcomes: list[Outcome], times: ExecTimes, started: int) -> None:
+    def _finish(
+        self,
+        batch: Sequence[Pending],
+        outcomes: list[Outcome],
+        times: ExecTimes,
+        started: int,
+        reschedule: bool = True,
+    ) -> None:
         self._running = False
         total = sum(p.prepared.rows for p in batch)
         counted = False
@@ -164,7 +178,8 @@ class InstanceExecutor:
             counted = counted or error is None
             if not item.cancelled:
                 self._release(item, body, stats, error)
-        self._schedule()
+        if reschedule:
+            self._schedule()
 
     def _release(
         self, item: Pending, body: bytes | None, stats: ExecStats, error: ServerError | None, silent: bool = False

@@ -23,7 +23,7 @@ from dl_inference.errors import InvalidArgument, ResourceExhausted, ServerError,
 from dl_inference.protocol.generated import model_config_pb2 as mc
 from dl_inference.worker.runner import Prepared
 
-TIMER_SLACK_NS = 300_000
+TIMER_SLACK_NS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -183,9 +183,9 @@ class RequestQueue:
                     rows += p.prepared.rows
                     if rows == policy.max_batch_size:
                         break
-        # Event-loop timers fire late by up to a millisecond; leave a little early instead, so that
-        # the delay a lone request sees stays within max_queue_delay.
-        ready_at = head.arrival_ns + max(policy.delay_ns - TIMER_SLACK_NS, 0)
+        # Event-loop timers have millisecond resolution and fire up to ~1 ms late; aim early by that
+        # much (at most half the delay) so the wait a lone request sees stays within the delay.
+        ready_at = head.arrival_ns + policy.delay_ns - min(TIMER_SLACK_NS, policy.delay_ns // 2)
         if (
             not policy.dynamic
             or rows >= policy.max_batch_size

@@ -216,6 +216,7 @@ def test_queue_timeouts_reject_or_delay() -> None:
         h.send(2, timeout="500000")  # may only shorten the default: still 20 ms
         await h.wait(3)
         errors = {rid: err for rid, _, _, err in h.replies}
+        assert [r[0] for r in h.replies][:2] == [1, 2]  # rejected when their time was up, not after 0 ran
         assert errors[0] is None
         assert errors[1] is not None and errors[1].code is Code.UNAVAILABLE and "timeout" in errors[1].message
         assert errors[2] is not None
@@ -267,5 +268,19 @@ def test_fast_batches_run_inline_once_measured() -> None:
             await h.wait(rid + 1)
         assert h.runner.threads[0].startswith("exec-") and h.runner.threads[-1] == "MainThread"
         h.ex.close()
+
+    run(main())
+
+
+def test_a_long_queue_drained_inline_does_not_recurse() -> None:
+    async def main() -> None:
+        h = Harness(FakeRunner("max_batch_size: 1 dynamic_batching { }"), inline=True)
+        ex = await h.start()
+        ex._avg_ns = 0.0  # measured fast: inline from the start
+        for rid in range(3000):
+            h.send(rid)
+        await h.wait(3000)
+        assert [r[0] for r in h.replies] == list(range(3000))
+        ex.close()
 
     run(main())
