@@ -49,12 +49,9 @@ The client shares the machine with the server: compare the two models within one
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -71,9 +68,10 @@ from load_tests.bench_tiny import (
     machine_info,
     ours_command,
     ratio,
-    sigterm_as_interrupt,
+    run_in_workdir,
     start_server,
     stop_server,
+    write_json,
 )
 from load_tests.loadgen import LoadConfig, LoadgenError, summary_line
 from load_tests.loadgen import run as run_load
@@ -519,28 +517,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     IMAGE, WIDTH = args.image, args.width
 
-    workdir = Path(tempfile.mkdtemp(prefix="bench_batching_"))
-    keep = args.keep_logs
-    try:
-        with sigterm_as_interrupt():
-            result = bench(args, workdir)
-    except BenchError as exc:
-        print(f"bench_batching: {exc}", file=sys.stderr)
-        keep = True
+    result = run_in_workdir("bench_batching", args.keep_logs, lambda workdir: bench(args, workdir))
+    if result is None:
         return 2
-    except KeyboardInterrupt:
-        print("bench_batching: interrupted; server stopped", file=sys.stderr)
-        return 130
-    finally:
-        if keep:
-            print(f"bench_batching: server log kept in {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-
     print(report_text(result))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_json(result, args.json)
     png = write_plot(result, args.json.with_suffix(".png"))
     if png:
         print(f"wrote {png}")

@@ -41,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -482,6 +482,33 @@ def _targets(text: str) -> list[str]:
     return [n for n in ("bare", "ours") if n in names]
 
 
+def run_in_workdir(prog: str, keep_logs: bool, body: Callable[[Path], dict[str, Any]]) -> dict[str, Any] | None:
+    """Run ``body(workdir)`` with servers stopped on SIGTERM/Ctrl-C; None (logs kept) on failure."""
+    workdir = Path(tempfile.mkdtemp(prefix=f"{prog}_"))
+    keep = keep_logs
+    try:
+        with sigterm_as_interrupt():
+            return body(workdir)
+    except BenchError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        keep = True
+        return None
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; servers stopped", file=sys.stderr)
+        raise SystemExit(130) from None
+    finally:
+        if keep:
+            print(f"{prog}: server logs kept in {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def write_json(result: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m load_tests.bench_tiny", description="bare server vs dl-inference serve")
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds per run")
@@ -497,28 +524,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="exit 1 when a ratio misses its target")
     args = p.parse_args(argv)
 
-    workdir = Path(tempfile.mkdtemp(prefix="bench_tiny_"))
-    keep = args.keep_logs
-    try:
-        with sigterm_as_interrupt():
-            result = bench(args, workdir)
-    except BenchError as exc:
-        print(f"bench_tiny: {exc}", file=sys.stderr)
-        keep = True
+    result = run_in_workdir("bench_tiny", args.keep_logs, lambda workdir: bench(args, workdir))
+    if result is None:
         return 2
-    except KeyboardInterrupt:
-        print("bench_tiny: interrupted; servers stopped", file=sys.stderr)
-        return 130
-    finally:
-        if keep:
-            print(f"bench_tiny: server logs kept in {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-
     print(report_text(result))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_json(result, args.json)
     missed = [k for k, r in result["ratios_ours_over_bare"].items() if not r["met"]]
     return 1 if args.check and missed else 0
 
