@@ -1,4 +1,4 @@
-"""``dl-inference`` command line: serve, worker, make-examples. Nothing runs at import time."""
+"""``dl-inference`` command line: serve, worker, make-examples, convert. Nothing runs at import time."""
 
 from __future__ import annotations
 
@@ -46,7 +46,36 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("make-examples", help="write the example models into a repository directory")
     e.add_argument("directory")
+
+    c = sub.add_parser("convert", help="convert a model from another framework to ONNX")
+    csub = c.add_subparsers(dest="framework", required=True)
+    cc = csub.add_parser("caffe", help="Caffe deploy prototxt + caffemodel -> ONNX with Caffe's outputs")
+    cc.add_argument("--prototxt", required=True, help="deploy .prototxt")
+    cc.add_argument("--caffemodel", help="trained weights (.caffemodel); without it, only weightless nets")
+    cc.add_argument("-o", "--output", required=True, help="ONNX file to write")
+    cc.add_argument(
+        "--batch-dynamic", action=argparse.BooleanOptionalAction, default=True,
+        help="make the batch dimension of inputs/outputs symbolic (default: on)",
+    )  # fmt: skip
+    cc.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     return p
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from dl_inference.convert.caffe.to_onnx import convert_caffe
+    from dl_inference.errors import ServerError
+
+    try:
+        model = convert_caffe(
+            args.prototxt, args.caffemodel, args.output, dynamic_batch=args.batch_dynamic, opset=args.opset
+        )
+    except ServerError as exc:
+        print(f"dl-inference: {exc.message}", file=sys.stderr)
+        return 2
+    ins = ", ".join(i.name for i in model.graph.input)
+    outs = ", ".join(o.name for o in model.graph.output)
+    print(f"wrote {args.output}: {len(model.graph.node)} nodes, inputs [{ins}], outputs [{outs}]")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         from dl_inference.worker.main import main as worker_main
 
         return worker_main(args)
+    if args.command == "convert":
+        _setup_logging(args.log_level or "INFO")
+        return _convert(args)
     if args.command == "make-examples":
         _setup_logging(args.log_level or "INFO")
         from dl_inference.examples import make_example_repository

@@ -125,6 +125,7 @@ def parameter_bool(config: ModelConfig, key: str, default: bool = False) -> bool
 # name -> "module:ClassName"; modules are imported only by get_backend.
 _REGISTRY: dict[str, str] = {
     "onnxruntime": "dl_inference.backends.onnxruntime_backend:OnnxRuntimeBackend",
+    "caffe": "dl_inference.backends.caffe_backend:CaffeBackend",
 }
 # Triton platform names and other spellings -> registry name.
 _ALIASES: dict[str, str] = {

@@ -33,6 +33,7 @@ BACKEND_DEFAULT_FILENAME: dict[str, str] = {
     "tensorrt": "model.plan",
     "pytorch": "model.pt",
     "tensorflow": "model.savedmodel",
+    "caffe": "*.prototxt + *.caffemodel",
 }
 SUPPORTED_BACKENDS: tuple[str, ...] = tuple(BACKEND_DEFAULT_FILENAME)
 
@@ -50,6 +51,7 @@ _ALIASES: dict[str, str] = {
     "tensorflow": "tensorflow",
     "tensorflow_savedmodel": "tensorflow",
     "tensorflow_graphdef": "tensorflow",
+    "caffe": "caffe",
 }
 # Platforms whose default file differs from their backend's.
 _PLATFORM_DEFAULT_FILENAME: dict[str, str] = {"tensorflow_graphdef": "model.graphdef"}
@@ -227,6 +229,8 @@ def backend_name(config: ModelConfig, version_dir: Path | None = None) -> str:
     if version_dir is None:
         return "onnxruntime"
     found = sorted({b for fname, b in _MODEL_FILES if (Path(version_dir) / fname).exists()})
+    if any(Path(version_dir).glob("*.caffemodel")):
+        found.append("caffe")
     if len(found) == 1:
         return found[0]
     expected = ", ".join(f for f, _ in _MODEL_FILES)
