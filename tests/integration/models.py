@@ -56,3 +56,42 @@ def scale_model(model_dir: Path, factor: float, version: int = 1) -> None:
         [numpy_helper.from_array(np.array(factor, np.float32), "k")],
     )
     write_model(model_dir, graph, version=version)
+
+
+def looping_model(model_dir: Path, config: str, iterations: int = 200, width: int = 512) -> None:
+    """x FP32 [-1, width] -> y: ``iterations`` rounds of Tanh(MatMul(y, W)) in an ONNX Loop.
+
+    Slow on purpose (about 1 ms per row per 30 rounds here) with a small file: tests that need a
+    request to stay running while others queue behind it use it.
+    """
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("MatMul", ["y_in", "w"], ["m"]),
+            helper.make_node("Tanh", ["m"], ["y_out"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("y_in", TensorProto.FLOAT, ["b", width]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("y_out", TensorProto.FLOAT, ["b", width]),
+        ],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["trip", "cond", "x"], ["y"], body=body)],
+        "looping",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", width])],
+        [
+            numpy_helper.from_array(w, "w"),
+            numpy_helper.from_array(np.array(iterations, np.int64), "trip"),
+            numpy_helper.from_array(np.array(True), "cond"),
+        ],
+    )
+    write_model(model_dir, graph, config=config)

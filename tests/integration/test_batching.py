@@ -16,7 +16,7 @@ import tritonclient.http as httpclient
 from onnx import TensorProto, helper
 from tritonclient.utils import InferenceServerException
 
-from tests.integration.models import slow_model, write_model
+from tests.integration.models import looping_model, write_model
 from tests.integration.server import RunningServer, run_server
 
 BATCHED_CONFIG = """
@@ -53,11 +53,12 @@ def rowwise_model(model_dir: Path) -> Path:
 def batch_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningServer, Path]]:
     repo = tmp_path_factory.mktemp("batch_repo")
     model_path = rowwise_model(repo / "rowwise")
-    slow_model(repo / "slow", instances=1, layers=48)
-    (repo / "slow" / "config.pbtxt").write_text(
-        'name: "slow"\nmax_batch_size: 1\n'
+    looping_model(
+        repo / "slow",
+        'name: "slow"\nmax_batch_size: 64\n'
         "dynamic_batching { default_queue_policy { max_queue_size: 2 } }\n"
-        "instance_group [{ count: 1, kind: KIND_CPU }]\n"
+        "instance_group [{ count: 1, kind: KIND_CPU }]\n",
+        iterations=4000,
     )
     with run_server(repo, repo.parent / "batch_server.log") as srv:
         yield srv, model_path
@@ -153,18 +154,22 @@ def test_cancelled_call_leaves_the_queue(batch_server: tuple[RunningServer, Path
     client = grpcclient.InferenceServerClient(server.grpc_url)
     x = grpcclient.InferInput("x", [1, 512], "FP32")
     x.set_data_from_numpy(np.ones((1, 512), np.float32))
+    big = grpcclient.InferInput("x", [64, 512], "FP32")  # 64 rows: runs long enough to queue behind
+    big.set_data_from_numpy(np.ones((64, 512), np.float32))
     before = client.get_inference_statistics("slow").model_stats[0]
     done: list[object] = []
     first = grpcclient.InferenceServerClient(server.grpc_url)
-    first.async_infer("slow", [x], callback=lambda r, e: done.append(e or r))
-    time.sleep(0.005)
+    first.async_infer("slow", [big], callback=lambda result, error: done.append(error or result))
+    time.sleep(0.02)
+    assert not done, "the first request finished too soon to queue anything behind it"
     with pytest.raises(InferenceServerException) as err:
-        client.infer("slow", [x], client_timeout=0.002)  # queued behind the first, then given up
+        client.infer("slow", [x], client_timeout=0.05)  # queued behind the first, then given up
     assert "Deadline" in str(err.value.message()) or "DEADLINE" in str(err.value.status())
     deadline = time.monotonic() + 30
     while not done and time.monotonic() < deadline:
         time.sleep(0.01)
     time.sleep(0.5)
+    assert done and not isinstance(done[0], InferenceServerException), done
     after = client.get_inference_statistics("slow").model_stats[0]
     assert after.execution_count - before.execution_count == 1, "the cancelled request still ran"
     assert after.inference_stats.fail.count - before.inference_stats.fail.count == 1
