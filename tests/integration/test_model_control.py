@@ -154,12 +154,13 @@ def _cpu_seconds(pid: int) -> float:
 def test_gpu_instance_group_spawns_one_worker_per_gpu_and_spreads_load(tmp_path: Path) -> None:
     import concurrent.futures
 
-    from tests.integration.models import slow_model
+    from tests.integration.models import looping_model
 
     repo = tmp_path / "repo"
-    slow_model(repo / "g", instances=1, layers=32)
-    (repo / "g" / "config.pbtxt").write_text(
-        'name: "g"\nmax_batch_size: 8\ninstance_group [{ count: 1, kind: KIND_GPU, gpus: [0, 1] }]\n'
+    looping_model(
+        repo / "g",
+        'name: "g"\nmax_batch_size: 8\ninstance_group [{ count: 1, kind: KIND_GPU, gpus: [0, 1] }]\n',
+        iterations=300,
     )
     with run_server(repo, tmp_path / "log") as srv:
         pids = srv.worker_pids("g")
@@ -179,4 +180,5 @@ def test_gpu_instance_group_spawns_one_worker_per_gpu_and_spreads_load(tmp_path:
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             list(pool.map(call, range(64)))
         used = {p: _cpu_seconds(p) - before[p] for p in pids}
-        assert all(u > 0.05 for u in used.values()), used  # both instances did real work
+        total = sum(used.values())
+        assert total > 0.1 and all(u > 0.2 * total for u in used.values()), used  # both did real work
