@@ -62,15 +62,14 @@ from load_tests.bench_tiny import (
     BUSY_LOADAVG,
     REPO_ROOT,
     BenchError,
-    Server,
     free_port,
-    log_tail,
     machine_info,
     ours_command,
     ratio,
     run_in_workdir,
     start_server,
     stop_server,
+    wait_ready,
     write_json,
 )
 from load_tests.loadgen import LoadConfig, LoadgenError, summary_line
@@ -92,46 +91,6 @@ LATENCY_CONC = 1
 
 # ---------------------------------------------------------------------------------------------
 # server side
-
-
-def wait_models_ready(server: Server, models: tuple[str, ...], timeout: float) -> float:
-    """Poll ServerReady and ModelReady of each model over gRPC; seconds since launch.
-
-    BenchError when the server exits or is not ready within ``timeout`` (its log tail included)."""
-    import grpc
-
-    from dl_inference.protocol.generated import grpc_service_pb2 as pb
-    from dl_inference.protocol.generated import grpc_service_pb2_grpc as pb_grpc
-
-    t0 = time.monotonic()
-    last = "no answer yet"
-    with grpc.insecure_channel(server.grpc_url) as channel:
-        stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        while True:
-            code = server.proc.poll()
-            if code is not None:
-                raise BenchError(
-                    f"{server.name} exited with status {code} before it was ready; its log "
-                    f"({server.log}) ends with:\n{log_tail(server.log)}"
-                )
-            if time.monotonic() - t0 > timeout:
-                raise BenchError(
-                    f"{server.name} not ready after {timeout:.0f} s ({last}); its log ({server.log}) "
-                    f"ends with:\n{log_tail(server.log)}"
-                )
-            try:
-                if not stub.ServerReady(pb.ServerReadyRequest(), timeout=1.0).ready:
-                    last = "ServerReady false"
-                else:
-                    waiting = [
-                        m for m in models if not stub.ModelReady(pb.ModelReadyRequest(name=m), timeout=1.0).ready
-                    ]
-                    if not waiting:
-                        return time.monotonic() - server.started
-                    last = f"ModelReady false for {waiting}"
-            except grpc.RpcError as exc:
-                last = f"{exc.code().name}: {exc.details()}"  # type: ignore[attr-defined]
-            time.sleep(0.2)
 
 
 def model_stats(url: str, model: str) -> dict[str, Any]:
@@ -455,7 +414,7 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     )
     by_key: dict[tuple[str, int], list[dict[str, Any]]] = {}
     try:
-        took = wait_models_ready(server, MODELS, args.ready_timeout)
+        took = wait_ready(server, args.ready_timeout, MODELS)
         print(f"{server.name} ready in {took:.1f} s (gRPC {server.grpc_url}, pid {server.proc.pid})", flush=True)
         for rnd in range(1, args.rounds + 1):
             for i, conc in enumerate(concurrencies):

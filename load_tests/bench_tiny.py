@@ -122,8 +122,9 @@ def stop_server(server: Server, grace: float = 10.0) -> None:
         print(f"bench: {server.name} (pid {proc.pid}) did not exit", file=sys.stderr)
 
 
-def wait_ready(server: Server, timeout: float) -> float:
-    """Poll ServerReady and ModelReady(MODEL) over gRPC; seconds since launch. BenchError on death/timeout.
+def wait_ready(server: Server, timeout: float, models: tuple[str, ...] = (MODEL,)) -> float:
+    """Poll ServerReady and ModelReady of each model over gRPC; seconds since launch. BenchError on
+    death/timeout.
 
     ``timeout`` counts from the moment this starts waiting."""
     import grpc
@@ -150,10 +151,13 @@ def wait_ready(server: Server, timeout: float) -> float:
             try:
                 if not stub.ServerReady(pb.ServerReadyRequest(), timeout=1.0).ready:
                     last = "ServerReady false"
-                elif not stub.ModelReady(pb.ModelReadyRequest(name=MODEL), timeout=1.0).ready:
-                    last = f"ModelReady('{MODEL}') false"
                 else:
-                    return time.monotonic() - server.started
+                    waiting = [
+                        m for m in models if not stub.ModelReady(pb.ModelReadyRequest(name=m), timeout=1.0).ready
+                    ]
+                    if not waiting:
+                        return time.monotonic() - server.started
+                    last = f"ModelReady false for {waiting}"
             except grpc.RpcError as exc:
                 last = f"{exc.code().name}: {exc.details()}"  # type: ignore[attr-defined]
             time.sleep(0.2)
