@@ -5,8 +5,23 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from dl_inference.errors import Code, ServerError
 from dl_inference.protocol.framing import ExecStats
 from dl_inference.protocol.generated import grpc_service_pb2 as pb
+
+# Error code -> Triton's nv_inference_request_failure "reason" label.
+_FAILURE_REASON = {
+    Code.INVALID_ARGUMENT: "REJECTED",
+    Code.NOT_FOUND: "REJECTED",
+    Code.RESOURCE_EXHAUSTED: "REJECTED",
+    Code.CANCELLED: "CANCELED",
+    Code.INTERNAL: "BACKEND",
+    Code.UNAVAILABLE: "BACKEND",
+}
+
+
+def failure_reason(error: ServerError) -> str:
+    return _FAILURE_REASON.get(error.code, "OTHER")
 
 
 @dataclass(slots=True)

@@ -34,18 +34,9 @@ from dl_inference.protocol.generated import model_config_pb2 as mc
 from dl_inference.protocol.model_info import model_metadata
 from dl_inference.repository.config import instance_kinds
 from dl_inference.repository.scan import ModelSource, scan_model, scan_repository, validate_model_name
+from dl_inference.stats import failure_reason
 
 log = logging.getLogger(__name__)
-
-FAILURE_REASON = {
-    Code.INVALID_ARGUMENT: "REJECTED",
-    Code.NOT_FOUND: "REJECTED",
-    Code.RESOURCE_EXHAUSTED: "REJECTED",
-    Code.CANCELLED: "CANCELED",
-    Code.INTERNAL: "BACKEND",
-    Code.UNAVAILABLE: "BACKEND",
-}
-
 
 class GatewayDataPlane(DataPlane):
     def __init__(self, settings: ServerSettings) -> None:
@@ -86,6 +77,10 @@ class GatewayDataPlane(DataPlane):
         if mode == "poll":
             self._spawn_task(self._poll_loop())
         log.info("ready: %s", ", ".join(sorted(self.models)) or "no models")
+
+    def stop_accepting(self) -> None:
+        """Report not-ready and stop restarting workers: the first step of shutting down."""
+        self._closing = True
 
     async def close(self) -> None:
         self._closing = True
@@ -363,7 +358,7 @@ class GatewayDataPlane(DataPlane):
             if kind is Kind.ERROR:
                 raise ServerError(body.decode(errors="replace"), CODE_FROM_WIRE.get(code, Code.INTERNAL))
         except ServerError as exc:
-            stats.record_failure(time.monotonic_ns() - start, FAILURE_REASON.get(exc.code, "OTHER"))
+            stats.record_failure(time.monotonic_ns() - start, failure_reason(exc))
             raise
         except asyncio.CancelledError:
             stats.record_failure(time.monotonic_ns() - start, "CANCELED")

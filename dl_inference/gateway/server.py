@@ -46,7 +46,7 @@ async def serve(settings: ServerSettings) -> int:
         await stopped
     log.info("shutting down")
     start.cancel()
-    dp._closing = True
+    dp.stop_accepting()
     await grpc_server.stop(grace=settings.stop_grace_s)
     for runner in runners:
         await runner.cleanup()

@@ -12,7 +12,7 @@ from dl_inference.protocol.framing import ExecStats
 from dl_inference.protocol.generated import grpc_service_pb2 as pb
 from dl_inference.protocol.generated import model_config_pb2 as mc
 from dl_inference.protocol.model_info import model_metadata
-from dl_inference.stats import ModelStats
+from dl_inference.stats import ModelStats, failure_reason
 from dl_inference.worker.executor import InstanceExecutor
 from dl_inference.worker.loader import LoadedModel
 
@@ -62,10 +62,7 @@ class WorkerDataPlane(DataPlane):
 
     async def infer(self, payload: bytes, name: str, version: str) -> bytes:
         start = time.monotonic_ns()
-        try:
-            self._check(name, version)
-        except ServerError:
-            raise
+        self._check(name, version)
         rid = next(self._ids)
         fut = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
@@ -81,7 +78,7 @@ class WorkerDataPlane(DataPlane):
             self.stats.pending -= 1
         elapsed = time.monotonic_ns() - start
         if error is not None:
-            self.stats.record_failure(elapsed, "REJECTED" if error.http_status < 500 else "BACKEND")
+            self.stats.record_failure(elapsed, failure_reason(error))
             raise error
         self.stats.record_success(elapsed, stats)
         assert body is not None
