@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from dl_inference.balancer.settings import BalancerSettings, DnsSpec, NodeSpec, Topology
 from dl_inference.errors import InvalidArgument
 
 CONTROL_MODES = ("none", "poll", "explicit")
@@ -30,6 +31,21 @@ class ServerSettings:
     load_timeout_s: float = 600.0
     stop_grace_s: float = 10.0
     log_level: str = "INFO"
+    # remote nodes and balancing (see dl_inference/balancer/settings.py and the README)
+    nodes: list[Any] = field(default_factory=list)  # "host:port[@weight]" or {address, weight, models}
+    node_file: str = ""
+    node_dns: list[Any] = field(default_factory=list)  # "name:port" or {name, port, weight, models}
+    balancer: dict[str, Any] = field(default_factory=dict)
+
+    def balancer_settings(self) -> BalancerSettings:
+        return BalancerSettings.from_mapping(self.balancer)
+
+    def topology(self) -> Topology:
+        return Topology(
+            nodes=[NodeSpec.parse(n, "nodes") for n in self.nodes],
+            node_file=self.node_file,
+            dns=[DnsSpec.parse(d) for d in self.node_dns],
+        )
 
     def validate(self) -> None:
         if not self.model_repository:
@@ -44,6 +60,12 @@ class ServerSettings:
             raise InvalidArgument("max_request_bytes must be positive")
         if self.repository_poll_secs <= 0:
             raise InvalidArgument("repository_poll_secs must be positive")
+        if not isinstance(self.balancer, dict):
+            raise InvalidArgument("balancer must be a mapping of settings")
+        if not isinstance(self.nodes, list) or not isinstance(self.node_dns, list):
+            raise InvalidArgument("nodes and node_dns must be lists")
+        self.balancer_settings()
+        self.topology()
 
 
 def load_settings(path: str | None, overrides: dict[str, Any]) -> ServerSettings:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Mapping
+from typing import Any
 
 from dl_inference import __version__
 from dl_inference.errors import Unimplemented
@@ -48,8 +49,11 @@ class DataPlane(abc.ABC):
     def model_statistics(self, name: str, version: str) -> pb.ModelStatisticsResponse: ...
 
     @abc.abstractmethod
-    async def infer(self, payload: bytes, name: str, version: str) -> bytes:
-        """Run one serialized ModelInferRequest; return the serialized ModelInferResponse."""
+    async def infer(self, payload: bytes, name: str, version: str, deadline: float | None = None) -> bytes:
+        """Run one serialized ModelInferRequest; return the serialized ModelInferResponse.
+
+        ``deadline`` is the client's, on the ``time.monotonic()`` clock (None: no deadline).
+        """
 
     async def repository_index(self, ready_only: bool) -> pb.RepositoryIndexResponse:
         raise Unimplemented("this endpoint has no model repository")
@@ -62,3 +66,6 @@ class DataPlane(abc.ABC):
 
     def metrics_text(self) -> str:
         return ""
+
+    def endpoint_table(self) -> dict[str, Any]:
+        raise Unimplemented("this endpoint does not balance across endpoints")

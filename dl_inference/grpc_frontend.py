@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -73,9 +74,11 @@ def build_handler(dp: DataPlane) -> grpc.GenericRpcHandler:
     async def model_statistics(req: pb.ModelStatisticsRequest, ctx: Any) -> pb.ModelStatisticsResponse:
         return dp.model_statistics(req.name, req.version)
 
-    async def model_infer(payload: bytes, ctx: Any) -> bytes:
+    async def model_infer(payload: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
         name, version = route_fields(payload)
-        return await dp.infer(payload, name, version)
+        remaining = ctx.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        return await dp.infer(payload, name, version, deadline)
 
     async def repository_index(req: pb.RepositoryIndexRequest, ctx: Any) -> pb.RepositoryIndexResponse:
         return await dp.repository_index(req.ready)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from dl_inference.balancer.balancer import Balancer
+    from dl_inference.balancer.endpoint import Endpoint
     from dl_inference.gateway.models import ModelVersion
     from dl_inference.stats import ModelStats
 
@@ -66,4 +68,42 @@ def render_metrics(versions: Iterable[ModelVersion]) -> str:
         "# TYPE nv_model_load_duration_secs gauge",
     ]
     lines += [f"nv_model_load_duration_secs{{{labels[id(v)]}}} {v.load_seconds:.3f}" for v in versions]
+    return "\n".join(lines) + "\n"
+
+
+_STATES = ("healthy", "unhealthy", "ejected", "down")
+_ENDPOINT_SERIES: list[tuple[str, str, str, Callable[[dict[str, Any]], float]]] = [
+    ("dl_inference_endpoint_weight", "gauge", "Effective weight (configured x failure penalty x slow start)",
+     lambda d: d["effective_weight"]),
+    ("dl_inference_endpoint_inflight", "gauge", "Requests in flight at the endpoint", lambda d: d["inflight"]),
+    ("dl_inference_endpoint_latency_ewma_seconds", "gauge", "Moving average of successful request latency",
+     lambda d: d["latency_ewma_ms"] / 1e3),
+    ("dl_inference_endpoint_requests_total", "counter", "Attempts sent to the endpoint", lambda d: d["requests"]),
+    ("dl_inference_endpoint_failures_total", "counter", "Attempts that failed there", lambda d: d["failures"]),
+    ("dl_inference_endpoint_ejections_total", "counter", "Times the endpoint was ejected", lambda d: d["ejections"]),
+    ("dl_inference_endpoint_retries_total", "counter", "Requests retried elsewhere after failing at the endpoint",
+     lambda d: d["retries"]),
+]  # fmt: skip
+
+
+def render_balancer_metrics(balancer: Balancer, sets: dict[str, list[Endpoint]]) -> str:
+    """Per-endpoint state, weight, load and failure counters; balancer-wide retry counters."""
+    rows: dict[str, dict[str, Any]] = {}
+    for endpoints in sets.values():
+        for ep in endpoints:
+            if ep.name not in rows:
+                rows[ep.name] = balancer.describe(ep)
+    lines = [
+        "# HELP dl_inference_endpoint_state 1 for the endpoint's current state",
+        "# TYPE dl_inference_endpoint_state gauge",
+    ]
+    for name, d in rows.items():
+        base = f'endpoint="{_escape(name)}",kind="{d["kind"]}"'
+        lines += [f'dl_inference_endpoint_state{{{base},state="{s}"}} {int(d["state"] == s)}' for s in _STATES]
+    for metric, kind, help_text, value in _ENDPOINT_SERIES:
+        lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} {kind}"]
+        lines += [f'{metric}{{endpoint="{_escape(n)}",kind="{d["kind"]}"}} {value(d):g}' for n, d in rows.items()]
+    for key, count in balancer.counters().items():
+        metric = f"dl_inference_balancer_{key}_total"
+        lines += [f"# HELP {metric} Balancer {key.replace('_', ' ')}", f"# TYPE {metric} counter", f"{metric} {count}"]
     return "\n".join(lines) + "\n"

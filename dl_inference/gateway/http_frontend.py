@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -50,6 +51,7 @@ class HttpFrontend:
         r.add_get("/v2/health/ready", self.ready)
         r.add_get("/v2/models/stats", self.stats)
         r.add_post("/v2/repository/index", self.repository_index)
+        r.add_get("/v2/endpoints", self.endpoints)
         r.add_post("/v2/repository/models/{model}/load", self.load)
         r.add_post("/v2/repository/models/{model}/unload", self.unload)
         for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
@@ -166,6 +168,9 @@ class HttpFrontend:
             )
         return tensor.name, tensor.datatype, shape
 
+    async def endpoints(self, request: web.Request) -> web.Response:
+        return _json(self.dp.endpoint_table())
+
     async def infer(self, request: web.Request) -> web.Response:
         name, version = self._mv(request)
         body = await request.read()
@@ -186,7 +191,12 @@ class HttpFrontend:
         infer_request, policy = parse_infer_request(
             body, header_length, name, version, self.max_json_depth, raw_input=raw_input
         )
-        reply = await self.dp.infer(infer_request.SerializeToString(), name, version)
+        deadline = None
+        if "timeout" in infer_request.parameters:  # Triton's request timeout, in microseconds
+            timeout_us = infer_request.parameters["timeout"].int64_param
+            if timeout_us > 0:
+                deadline = time.monotonic() + timeout_us / 1e6
+        reply = await self.dp.infer(infer_request.SerializeToString(), name, version, deadline)
         out_body, json_length = render_infer_response(pb.ModelInferResponse.FromString(reply), policy)
         if json_length is None:
             return web.Response(body=out_body, content_type="application/json")

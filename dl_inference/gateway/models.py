@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import enum
-import itertools
 from dataclasses import dataclass, field
 
+from dl_inference.balancer.local import LocalEndpoint
 from dl_inference.gateway.workers import WorkerInstance, WorkerSpec
 from dl_inference.protocol.generated import model_config_pb2 as mc
 from dl_inference.stats import ModelStats
@@ -25,30 +25,15 @@ class ModelVersion:
     specs: list[WorkerSpec]
     config: mc.ModelConfig | None = None
     instances: list[WorkerInstance] = field(default_factory=list)
+    endpoints: list[LocalEndpoint] = field(default_factory=list)  # one per instance, kept across restarts
     state: State = State.LOADING
     reason: str = ""
     stats: ModelStats = field(default_factory=ModelStats)
     load_seconds: float = 0.0
-    _turn: itertools.count = field(default_factory=itertools.count)
 
     @property
     def ready(self) -> bool:
         return self.state is State.READY and any(i.ready for i in self.instances)
-
-    def pick(self, exclude: set[WorkerInstance]) -> WorkerInstance | None:
-        """Least in-flight ready instance; ties go round-robin so equal instances share the load."""
-        candidates = [i for i in self.instances if i.ready and i not in exclude]
-        if not candidates:
-            return None
-        if len(candidates) == 1:
-            return candidates[0]
-        start = next(self._turn) % len(candidates)
-        best = None
-        for k in range(len(candidates)):
-            inst = candidates[(start + k) % len(candidates)]
-            if best is None or inst.inflight < best.inflight:
-                best = inst
-        return best
 
 
 @dataclass

@@ -14,6 +14,9 @@ from collections.abc import Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 
+from dl_inference.balancer.balancer import Balancer
+from dl_inference.balancer.local import LocalEndpoint
+from dl_inference.balancer.remote import ANY_VERSION
 from dl_inference.config import ServerSettings
 from dl_inference.dataplane import DataPlane
 from dl_inference.errors import (
@@ -26,17 +29,18 @@ from dl_inference.errors import (
     Unimplemented,
 )
 from dl_inference.gateway.models import Model, ModelVersion, State
-from dl_inference.gateway.workers import LoadFailed, WorkerGone, WorkerInstance, WorkerPool, WorkerSpec
-from dl_inference.metrics import render_metrics
+from dl_inference.gateway.workers import LoadFailed, WorkerInstance, WorkerPool, WorkerSpec
+from dl_inference.metrics import render_balancer_metrics, render_metrics
 from dl_inference.protocol.framing import Kind
 from dl_inference.protocol.generated import grpc_service_pb2 as pb
 from dl_inference.protocol.generated import model_config_pb2 as mc
 from dl_inference.protocol.model_info import model_metadata
 from dl_inference.repository.config import instance_kinds
 from dl_inference.repository.scan import ModelSource, scan_model, scan_repository, validate_model_name
-from dl_inference.stats import failure_reason
+from dl_inference.stats import ModelStats, failure_reason
 
 log = logging.getLogger(__name__)
+
 
 class GatewayDataPlane(DataPlane):
     def __init__(self, settings: ServerSettings) -> None:
@@ -51,10 +55,19 @@ class GatewayDataPlane(DataPlane):
         self._started = False
         self._closing = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self.balancer = Balancer(
+            settings.balancer_settings(), settings.topology(),
+            local_endpoints=self._local_endpoints, max_message_bytes=settings.max_request_bytes,
+        )  # fmt: skip
+        self._remote_stats: dict[tuple[str, str], ModelStats] = {}
+
+    def _local_endpoints(self) -> list[LocalEndpoint]:
+        return [e for m in self.models.values() for mv in m.versions.values() for e in mv.endpoints]
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
         await self.pool.start()
+        await self.balancer.start()
         mode = self.settings.model_control_mode
         if mode == "explicit":
             names = list(self.settings.load_models)
@@ -88,6 +101,7 @@ class GatewayDataPlane(DataPlane):
             task.cancel()
         await asyncio.gather(*(self._retire(m) for m in list(self.models.values())), return_exceptions=True)
         self.models.clear()
+        await self.balancer.close()
         await self.pool.close()
 
     def _spawn_task(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -110,6 +124,8 @@ class GatewayDataPlane(DataPlane):
         start = time.monotonic()
         instances = [await self.pool.spawn(spec) for spec in mv.specs]
         mv.instances = instances
+        mv.endpoints = [LocalEndpoint(i, self.settings.balancer_settings().local_weight, self.balancer.clock)
+                        for i in instances]  # fmt: skip
         results = await asyncio.gather(
             *(self.pool.wait_ready(i, self.settings.load_timeout_s) for i in instances), return_exceptions=True
         )
@@ -141,8 +157,7 @@ class GatewayDataPlane(DataPlane):
                 self.load_errors[name] = reason
                 self._failed_fingerprints[name] = source.fingerprint
                 if old is not None:
-                    log.error("new files of model '%s' failed to load; the loaded one keeps serving: %s",
-                              name, reason)
+                    log.error("new files of model '%s' failed to load; the loaded one keeps serving: %s", name, reason)
                 raise InvalidArgument(f"failed to load model '{name}': {reason}")
             self.models[name] = Model(name, source.fingerprint, versions)
             self.load_errors.pop(name, None)
@@ -164,9 +179,7 @@ class GatewayDataPlane(DataPlane):
             for inst in mv.instances:
                 inst.stopping = True
         deadline = time.monotonic() + self.settings.stop_grace_s
-        while time.monotonic() < deadline and any(
-            i.inflight for mv in model.versions.values() for i in mv.instances
-        ):
+        while time.monotonic() < deadline and any(i.inflight for mv in model.versions.values() for i in mv.instances):
             await asyncio.sleep(0.05)
         await asyncio.gather(*(self._stop_instances(mv) for mv in model.versions.values()))
 
@@ -198,7 +211,9 @@ class GatewayDataPlane(DataPlane):
                 delay = min(delay * 2, 10.0)
                 continue
             if mv.state is State.READY and dead in mv.instances:
-                mv.instances[mv.instances.index(dead)] = new
+                index = mv.instances.index(dead)
+                mv.instances[index] = new
+                mv.endpoints[index].attach(new)
                 log.info("worker %s is back", new.spec.label)
             else:
                 new.stopping = True
@@ -224,8 +239,7 @@ class GatewayDataPlane(DataPlane):
     async def unload_model(self, name: str) -> None:
         if self.settings.model_control_mode != "explicit":
             raise InvalidArgument(
-                f"explicit model load/unload is not allowed in model control mode "
-                f"'{self.settings.model_control_mode}'"
+                f"explicit model load/unload is not allowed in model control mode '{self.settings.model_control_mode}'"
             )
         async with self._lock(name):
             model = self.models.pop(name, None)
@@ -256,7 +270,20 @@ class GatewayDataPlane(DataPlane):
                     out.models.add(name=name, state="UNAVAILABLE", reason="unloaded")
                 else:
                     out.models.add(name=name)
+        self._remote_index(out, ready_only)
         return out
+
+    def _remote_index(self, out: pb.RepositoryIndexResponse, ready_only: bool) -> None:
+        now = self.balancer.clock.now()
+        for name, versions in sorted(self.balancer.remote_models().items()):
+            if name in self.models:
+                continue
+            for v in sorted(versions):
+                label = "" if v == ANY_VERSION else v
+                up = any(n.available(now) for n in self.balancer.remote_for(name, label))
+                if up or not ready_only:
+                    reason = "" if up else "no remote node serving it is available"
+                    out.models.add(name=name, version=label, state="READY" if up else "UNAVAILABLE", reason=reason)
 
     def _repository_names(self) -> list[str]:
         try:
@@ -300,10 +327,16 @@ class GatewayDataPlane(DataPlane):
         if not self._started or self._closing:
             return False
         if not self.models:
+            if self.balancer.nodes:
+                now = self.balancer.clock.now()
+                return any(n.available(now) and n.models for n in self.balancer.nodes.values())
             return self.settings.model_control_mode == "explicit"
         return all(m.latest_ready() is not None for m in self.models.values())
 
     def model_ready(self, name: str, version: str) -> bool:
+        if name not in self.models and self.balancer.nodes:
+            now = self.balancer.clock.now()
+            return any(n.available(now) for n in self.balancer.remote_for(name, version))
         try:
             return self._route(name, version).ready
         except ServerError:
@@ -337,24 +370,27 @@ class GatewayDataPlane(DataPlane):
     def _route(self, name: str, version: str) -> ModelVersion:
         return self._version(self._model(name), version)
 
-    async def infer(self, payload: bytes, name: str, version: str) -> bytes:
+    async def infer(self, payload: bytes, name: str, version: str, deadline: float | None = None) -> bytes:
         start = time.monotonic_ns()
-        mv = self._route(name, version)
-        stats = mv.stats
+        model = self.models.get(name)
+        if model is not None:
+            mv = self._version(model, version)
+            stats = mv.stats
+            key: object = (name, mv.version)
+            what = f"model '{name}' version {mv.version}"
+            endpoints: list[Any] = mv.endpoints
+            if self.balancer.nodes:
+                remote = self.balancer.remote_for(name, str(mv.version))
+                if remote:
+                    endpoints = endpoints + remote
+        else:
+            endpoints = self._remote_endpoints(name, version)
+            stats = self._remote_stats.setdefault((name, version), ModelStats())
+            key = (name, version, "remote")
+            what = f"model '{name}'" + (f" version {version}" if version else "")
         stats.pending += 1
-        tried: set[WorkerInstance] = set()
         try:
-            while True:
-                inst = mv.pick(tried)
-                if inst is None:
-                    why = "" if not tried else " (its worker died while running the request)"
-                    raise Unavailable(f"model '{name}' version {mv.version} has no ready instance{why}")
-                try:
-                    kind, code, exec_stats, body = await inst.infer(payload)
-                    break
-                except WorkerGone as exc:
-                    log.warning("re-sending a request of '%s': %s", name, exc)
-                    tried.add(inst)
+            kind, code, exec_stats, body = await self.balancer.call(key, endpoints, payload, deadline, what)
             if kind is Kind.ERROR:
                 raise ServerError(body.decode(errors="replace"), CODE_FROM_WIRE.get(code, Code.INTERNAL))
         except ServerError as exc:
@@ -368,8 +404,31 @@ class GatewayDataPlane(DataPlane):
         stats.record_success(time.monotonic_ns() - start, exec_stats)
         return body
 
+    def _remote_endpoints(self, name: str, version: str) -> list[Any]:
+        """Remote nodes for a model this gateway does not hold itself (NotFound if none serves it)."""
+        nodes = self.balancer.remote_for(name, version)
+        if nodes:
+            return list(nodes)
+        versions = self.balancer.remote_models().get(name)
+        if versions:
+            listed = ", ".join(sorted(v for v in versions if v != ANY_VERSION))
+            raise NotFound(f"model '{name}' has no version {version} on any node (versions: {listed})")
+        self._model(name)  # raises the usual NotFound / Unavailable
+        raise NotFound(f"unknown model '{name}'")
+
     # -- metadata -------------------------------------------------------------------------------
+    def _remote_info(self, name: str, version: str) -> tuple[mc.ModelConfig, pb.ModelMetadataResponse] | None:
+        if name in self.models or not self._remote_endpoints(name, version):
+            return None
+        node = self.balancer.remote_config(name)
+        if node is None:
+            raise Unavailable(f"model '{name}' is served by remote nodes that have not sent its config yet")
+        return node.configs[name]
+
     def model_metadata(self, name: str, version: str) -> pb.ModelMetadataResponse:
+        remote = self._remote_info(name, version)
+        if remote is not None:
+            return remote[1]
         model = self._model(name)
         mv = self._version(model, version)
         if mv.config is None:
@@ -378,6 +437,9 @@ class GatewayDataPlane(DataPlane):
         return model_metadata(mv.config, versions)
 
     def model_config(self, name: str, version: str) -> mc.ModelConfig:
+        remote = self._remote_info(name, version)
+        if remote is not None:
+            return remote[0]
         mv = self._route(name, version)
         if mv.config is None:
             raise Unavailable(f"model '{name}' version {mv.version} is not loaded yet")
@@ -393,10 +455,44 @@ class GatewayDataPlane(DataPlane):
 
     def model_statistics(self, name: str, version: str) -> pb.ModelStatisticsResponse:
         out = pb.ModelStatisticsResponse()
-        for mv in sorted(self._selected(name, version), key=lambda m: (m.name, m.version)):
-            out.model_stats.append(mv.stats.to_proto(mv.name, str(mv.version)))
+        remote = sorted((k, v) for k, v in self._remote_stats.items() if not name or k[0] == name)
+        if not (name and remote and name not in self.models):
+            for mv in sorted(self._selected(name, version), key=lambda m: (m.name, m.version)):
+                out.model_stats.append(mv.stats.to_proto(mv.name, str(mv.version)))
+        for (model_name, model_version), stats in remote:
+            if not version or model_version == version:
+                out.model_stats.append(stats.to_proto(model_name, model_version))
         return out
 
     def metrics_text(self) -> str:
         versions = [mv for m in self.models.values() for mv in m.versions.values()]
-        return render_metrics(versions)
+        return render_metrics(versions) + render_balancer_metrics(self.balancer, self._endpoint_sets())
+
+    def _endpoint_sets(self) -> dict[str, list[Any]]:
+        """Model (name:version) -> its endpoints, local and remote."""
+        sets: dict[str, list[Any]] = {}
+        for model in self.models.values():
+            for mv in model.versions.values():
+                sets[f"{model.name}:{mv.version}"] = [
+                    *mv.endpoints,
+                    *self.balancer.remote_for(model.name, str(mv.version)),
+                ]
+        for name, versions in self.balancer.remote_models().items():
+            if name not in self.models:
+                for v in sorted(versions):
+                    label = "" if v == ANY_VERSION else v
+                    sets[f"{name}:{label or '*'}"] = list(self.balancer.remote_for(name, label))
+        return sets
+
+    def endpoint_table(self) -> dict[str, Any]:
+        sets = self._endpoint_sets()
+        seen: dict[str, Any] = {}
+        for endpoints in sets.values():
+            for ep in endpoints:
+                seen.setdefault(ep.name, ep)
+        return {
+            "policy": self.balancer.s.policy,
+            "endpoints": [self.balancer.describe(ep) for ep in seen.values()],
+            "models": {label: [ep.name for ep in eps] for label, eps in sets.items()},
+            "counters": self.balancer.counters(),
+        }

@@ -68,6 +68,7 @@ class WorkerInstance:
         self.exited = asyncio.Event()
         self.hello = asyncio.get_running_loop().create_future()  # -> config, or LoadFailed
         self.pending: dict[int, asyncio.Future[Reply]] = {}
+        self._pings: dict[int, asyncio.Future[None]] = {}
         self._ids = itertools.count(1)
 
     @property
@@ -93,9 +94,41 @@ class WorkerInstance:
             raise
 
     def on_frame(self, kind: Kind, rid: int, code: int, stats: ExecStats | None, payload: bytes) -> None:
+        if kind is Kind.PONG:
+            ping = self._pings.pop(rid, None)
+            if ping is not None and not ping.done():
+                ping.set_result(None)
+            return
         fut = self.pending.pop(rid, None)
         if fut is not None and not fut.done():
             fut.set_result((kind, code, stats or ExecStats(), payload))
+
+    async def ping(self, timeout: float) -> bool:
+        """True when the worker answers a PING within ``timeout`` seconds."""
+        proto = self.proto
+        if proto is None or not self.ready:
+            return False
+        rid = next(self._ids)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pings[rid] = fut
+        try:
+            if not proto.send(Kind.PING, rid, b"", urgent=True):
+                return False
+            await asyncio.wait_for(fut, timeout)
+            return True
+        except (asyncio.TimeoutError, WorkerGone):
+            return False
+        finally:
+            self._pings.pop(rid, None)
+
+    def abandon(self, why: str) -> None:
+        """Fail everything in flight (the worker stays connected; late answers are dropped)."""
+        pending, self.pending = self.pending, {}
+        for rid, fut in pending.items():
+            if not fut.done():
+                fut.set_exception(WorkerGone(f"worker {self.spec.label} {why}"))
+            if self.proto is not None:
+                self.proto.send(Kind.CANCEL, rid, b"")
 
     def mark_gone(self, why: str) -> None:
         """Fail everything in flight; idempotent."""
@@ -104,6 +137,9 @@ class WorkerInstance:
         for fut in pending.values():
             if not fut.done():
                 fut.set_exception(WorkerGone(f"worker {self.spec.label} {why}"))
+        for ping in self._pings.values():
+            if not ping.done():
+                ping.set_exception(WorkerGone(why))
         if self.proto is not None and self.proto.transport is not None:
             self.proto.transport.close()
 

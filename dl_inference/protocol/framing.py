@@ -40,6 +40,8 @@ class Kind(enum.IntEnum):
     RESULT = 4
     ERROR = 5
     CANCEL = 6
+    PING = 7  # gateway -> worker health probe; answered with PONG and the same id
+    PONG = 8
 
 
 @dataclass(slots=True)

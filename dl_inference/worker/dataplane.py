@@ -18,7 +18,7 @@ from dl_inference.worker.loader import LoadedModel
 
 
 class WorkerDataPlane(DataPlane):
-    extensions = ("binary_tensor_data", "statistics", "model_configuration")
+    extensions = ("binary_tensor_data", "statistics", "model_configuration", "model_repository")
 
     def __init__(self, loaded: LoadedModel, executor: InstanceExecutor) -> None:
         self.loaded = loaded
@@ -50,6 +50,12 @@ class WorkerDataPlane(DataPlane):
         self._check(name, version)
         return self.loaded.config
 
+    async def repository_index(self, ready_only: bool) -> pb.RepositoryIndexResponse:
+        """The one model this worker serves (so a gateway can learn what this node offers)."""
+        out = pb.RepositoryIndexResponse()
+        out.models.add(name=self.name, version=self.version, state="READY")
+        return out
+
     def model_statistics(self, name: str, version: str) -> pb.ModelStatisticsResponse:
         if name:
             self._check(name, version)
@@ -60,7 +66,7 @@ class WorkerDataPlane(DataPlane):
         if fut is not None and not fut.done():
             fut.set_result((body, stats, error))
 
-    async def infer(self, payload: bytes, name: str, version: str) -> bytes:
+    async def infer(self, payload: bytes, name: str, version: str, deadline: float | None = None) -> bytes:
         start = time.monotonic_ns()
         self._check(name, version)
         rid = next(self._ids)

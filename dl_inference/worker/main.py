@@ -36,6 +36,8 @@ class GatewayLink:
             self.executor.submit(rid, payload, self._reply)
         elif kind is Kind.CANCEL:
             self.executor.cancel(rid)
+        elif kind is Kind.PING:
+            self.proto.send(Kind.PONG, rid, b"", urgent=True)
         else:
             log.warning("unexpected frame kind %s from gateway", kind)
 

@@ -99,7 +99,7 @@ def test_killing_one_of_two_instances_loses_nothing(fault_server: RunningServer)
     assert client.is_model_ready("pair")
     log = fault_server.log()
     assert "worker pair:1#0" in log and "died" in log
-    assert "re-sending a request of 'pair'" in log  # the in-flight ones really were re-sent
+    assert "re-sending a request of model 'pair'" in log  # the in-flight ones really were re-sent
 
 
 def test_killing_the_only_instance_fails_fast_and_recovers(fault_server: RunningServer) -> None:

@@ -1,0 +1,68 @@
+"""Picking policies: which available endpoint gets the next request.
+
+``weighted_round_robin`` is smooth weighted round robin: every pick, each candidate's running score
+grows by its effective weight; the highest score wins and pays back the total. Weights {5, 1, 1}
+give a, a, b, a, c, a, a — spread out, not in bursts.
+
+``least_request`` is the power of two choices: two distinct random candidates, the one with the
+lower cost wins, cost = (in-flight + 1) x latency EWMA / effective weight. The +1 lets an idle
+endpoint's latency count; an endpoint without a latency sample yet is tried first.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+from dl_inference.balancer.endpoint import Endpoint
+
+
+class Policy:
+    def pick(self, candidates: Sequence[Endpoint], weights: Sequence[float]) -> Endpoint:
+        raise NotImplementedError
+
+
+class SmoothWeightedRoundRobin(Policy):
+    def __init__(self) -> None:
+        self.scores: dict[Endpoint, float] = {}
+
+    def pick(self, candidates: Sequence[Endpoint], weights: Sequence[float]) -> Endpoint:
+        if len(self.scores) > 2 * len(candidates) + 8:  # endpoints came and went: forget the departed
+            keep = set(candidates)
+            self.scores = {e: s for e, s in self.scores.items() if e in keep}
+        scores = self.scores
+        total = 0.0
+        best = candidates[0]
+        best_score = -float("inf")
+        for ep, w in zip(candidates, weights):
+            score = scores.get(ep, 0.0) + w
+            scores[ep] = score
+            total += w
+            if score > best_score:
+                best, best_score = ep, score
+        scores[best] = best_score - total
+        return best
+
+
+class LeastRequest(Policy):
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self.rng = rng or random.Random()
+
+    @staticmethod
+    def cost(ep: Endpoint, weight: float) -> float:
+        return (ep.inflight + 1) * ep.ewma_s / weight
+
+    def pick(self, candidates: Sequence[Endpoint], weights: Sequence[float]) -> Endpoint:
+        n = len(candidates)
+        if n == 1:
+            return candidates[0]
+        i = self.rng.randrange(n)
+        j = self.rng.randrange(n - 1)
+        if j >= i:
+            j += 1
+        a, b = candidates[i], candidates[j]
+        return a if self.cost(a, weights[i]) <= self.cost(b, weights[j]) else b
+
+
+def make_policy(name: str, rng: random.Random | None = None) -> Policy:
+    return SmoothWeightedRoundRobin() if name == "weighted_round_robin" else LeastRequest(rng)
