@@ -173,8 +173,12 @@ class GrpcServer:
                 last = status
             await asyncio.sleep(0.25)
 
-    async def stop(self, grace: float) -> None:
+    async def set_not_serving(self) -> None:
+        """Tell health watchers this server is going away (it still answers until stop())."""
         if self._watch:
             self._watch.cancel()
         await self.health.enter_graceful_shutdown()
+
+    async def stop(self, grace: float) -> None:
+        await self.set_not_serving()
         await self.server.stop(grace)

@@ -75,7 +75,7 @@ class Balancer:
         for d in self.dns:
             await d.refresh()
         self._sync_nodes(initial=True)
-        await asyncio.gather(*(n.check_once() for n in self.nodes.values()))
+        await asyncio.gather(*(n.first_check() for n in self.nodes.values()), return_exceptions=True)
         for node in self.nodes.values():
             node.start()
         if self.node_file is not None or self.dns:

@@ -69,6 +69,7 @@ class RemoteNode(Endpoint):
         self.channel = grpc.aio.insecure_channel(spec.address, options=options)
         self._infer = self.channel.unary_unary(SERVICE + "ModelInfer")
         self._task: asyncio.Task[None] | None = None
+        self._refreshed_at = -float("inf")
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._check_loop())
@@ -87,6 +88,9 @@ class RemoteNode(Endpoint):
         return not self.closed
 
     def serves(self, name: str, version: str) -> bool:
+        """Whether this node serves ``name`` at ``version`` ("" = whichever version it likes)."""
+        if not version:
+            return any(n == name for n, _ in self.models)
         return (name, version) in self.models or (name, ANY_VERSION) in self.models
 
     # -- data path ----------------------------------------------------------------------------------
@@ -213,8 +217,15 @@ class RemoteNode(Endpoint):
                 assert isinstance(cfg, pb.ModelConfigResponse) and isinstance(meta, pb.ModelMetadataResponse)
                 self.configs[name] = (cfg.config, meta)
 
+    async def first_check(self) -> None:
+        """The check at start-up, so readiness and the model list are known before serving."""
+        await self.check_once()
+        if self.healthy:
+            await self.refresh_models()
+        self._refreshed_at = self.clock.now()
+
     async def _check_loop(self) -> None:
-        next_refresh = 0.0
+        next_refresh = self._refreshed_at + self.s.index_refresh_s
         while not self.closed:
             started = self.clock.now()
             await self.check_once()

@@ -16,10 +16,10 @@ from dl_inference.grpc_frontend import GrpcServer
 log = logging.getLogger(__name__)
 
 
-async def _serve_http(app: web.Application, host: str, port: int, what: str) -> web.AppRunner:
+async def _serve_http(app: web.Application, host: str, port: int, what: str, grace: float) -> web.AppRunner:
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+    site = web.TCPSite(runner, host, port, reuse_address=True, shutdown_timeout=grace)
     await site.start()
     log.info("%s listening on %s:%d", what, host, port)
     return runner
@@ -35,20 +35,28 @@ async def serve(settings: ServerSettings) -> int:
     grpc_server = GrpcServer(dp, settings.host, settings.grpc_port, settings.max_request_bytes)
     await grpc_server.start()
     http = HttpFrontend(dp, settings.max_request_bytes, settings.max_json_depth)
-    runners = [await _serve_http(http.app, settings.host, settings.http_port, "HTTP")]
+    grace = settings.stop_grace_s
+    runners = [await _serve_http(http.app, settings.host, settings.http_port, "HTTP", grace)]
     if settings.metrics_port:
-        runners.append(await _serve_http(metrics_app(dp), settings.host, settings.metrics_port, "metrics"))
+        runners.append(await _serve_http(metrics_app(dp), settings.host, settings.metrics_port, "metrics", grace))
     # Listeners come up first so liveness answers while models load; readiness waits for them.
     start = asyncio.create_task(dp.start())
     stopped = asyncio.create_task(stop.wait())
     await asyncio.wait({start, stopped}, return_when=asyncio.FIRST_COMPLETED)
     if not stop.is_set():
         await stopped
-    log.info("shutting down")
+    # Graceful drain: report NOT_SERVING at once (readiness and grpc.health.v1), optionally keep
+    # accepting for drain_delay_s so load balancers notice, then stop accepting and let in-flight
+    # requests finish within stop_grace_s on both transports; only then stop the workers.
     start.cancel()
     dp.stop_accepting()
-    await grpc_server.stop(grace=settings.stop_grace_s)
-    for runner in runners:
-        await runner.cleanup()
+    await grpc_server.set_not_serving()
+    delay = dp.balancer.s.drain_delay_s
+    log.info(
+        "shutting down: NOT_SERVING%s; in-flight requests get %.0f s", f", draining {delay:g} s" if delay else "", grace
+    )
+    if delay:
+        await asyncio.sleep(delay)
+    await asyncio.gather(grpc_server.stop(grace=grace), *(runner.cleanup() for runner in runners))
     await dp.close()
     return 0

@@ -102,3 +102,74 @@ def run_server(
                 proc.kill()
                 proc.wait()
         log_file.close()
+
+
+@dataclass
+class Process:
+    """A helper process (a standalone worker node, a delay proxy) listening for gRPC on ``port``."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def _wait_grpc_ready(port: int, timeout: float, proc: subprocess.Popen[bytes], log_path: Path) -> None:
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+        try:
+            if client.is_server_ready(client_timeout=1):
+                return
+        except Exception:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"not ready after {timeout} s:\n{log_path.read_text()[-4000:]}")
+
+
+@contextlib.contextmanager
+def run_process(cmd: list[str], port: int, log_path: Path, ready_timeout: float = 60) -> Iterator[Process]:
+    log_file = open(log_path, "wb")
+    proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=dict(os.environ))
+    try:
+        _wait_grpc_ready(port, ready_timeout, proc, log_path)
+        yield Process(proc, port, log_path)
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGCONT)  # a test may have stopped it
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log_file.close()
+
+
+def run_node(repository: Path, model: str, log_path: Path) -> contextlib.AbstractContextManager[Process]:
+    """A standalone ``dl-inference worker`` serving V2 gRPC: a remote node for a gateway."""
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "dl_inference", "worker", "--model-repository", str(repository),
+        "--model", model, "--host", "127.0.0.1", "--grpc-port", str(port),
+    ]  # fmt: skip
+    return run_process(cmd, port, log_path)
+
+
+def run_delay_proxy(target: str, delay_ms: float, log_path: Path) -> contextlib.AbstractContextManager[Process]:
+    """load_tests/delay_proxy.py in front of ``target``: every ModelInfer waits ``delay_ms`` first."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "load_tests.delay_proxy", "--port", str(port), "--target", target,
+           "--delay-ms", str(delay_ms)]  # fmt: skip
+    return run_process(cmd, port, log_path)
