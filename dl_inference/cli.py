@@ -37,6 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--load-model", action="append", dest="load_models", help="explicit mode: load at start")
     s.add_argument("--repository-poll-secs", type=float)
     s.add_argument("--max-request-bytes", type=int, help="largest request accepted (default 96 MiB)")
+    s.add_argument(
+        "--node", action="append", dest="nodes", metavar="HOST:PORT[@WEIGHT]",
+        help="a remote V2 gRPC node to balance onto (repeatable; replaces the config's nodes)",
+    )  # fmt: skip
+    s.add_argument("--node-file", help="node list file, re-read when it changes")
+    s.add_argument("--balancer-policy", choices=("least_request", "weighted_round_robin"))
     s.add_argument("--config", help="server settings YAML (flags override it)")
 
     from dl_inference.worker.main import add_arguments
@@ -104,12 +110,14 @@ def main(argv: list[str] | None = None) -> int:
         k: getattr(args, k)
         for k in (
             "model_repository", "http_port", "grpc_port", "metrics_port", "host", "model_control_mode",
-            "load_models", "repository_poll_secs", "max_request_bytes",
+            "load_models", "repository_poll_secs", "max_request_bytes", "nodes", "node_file",
         )
     }  # fmt: skip
     overrides["log_level"] = args.log_level
     try:
         settings = load_settings(args.config, overrides)
+        if args.balancer_policy:
+            settings.balancer = {**settings.balancer, "policy": args.balancer_policy}
     except ServerError as exc:
         print(f"dl-inference: {exc.message}", file=sys.stderr)
         return 2
