@@ -228,3 +228,28 @@ def _http_status(srv: RunningServer, path: str) -> int:
         return int(exc.code)
     except OSError:
         return 0
+
+
+def test_a_hung_local_worker_is_noticed_by_ping_and_its_requests_go_elsewhere(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    slow_model(repo / "pair", instances=2)
+    config = {"balancer": {"local_ping_interval_s": 0.2, "health_timeout_s": 0.3, "unhealthy_threshold": 2}}
+    x = np.random.default_rng(0).standard_normal((16, 512)).astype(np.float32)
+    deadline_s = 4.0
+    with gateway(tmp_path, config, repository=repo) as srv:
+        victim = sorted(srv.worker_pids("pair"))[0]
+        with Traffic(srv.grpc_url, "pair", threads=4, x=x, client_timeout=deadline_s) as traffic:
+            time.sleep(1.0)
+            os.kill(victim, signal.SIGSTOP)
+            try:
+                noticed = wait_for(lambda: any(e["state"] == "unhealthy" for e in endpoints(srv).values()), 5)
+                time.sleep(deadline_s + 0.5)
+            finally:
+                os.kill(victim, signal.SIGCONT)
+            back = wait_for(lambda: all(e["state"] == "healthy" for e in endpoints(srv).values()), 5)
+            time.sleep(0.5)
+    assert noticed < 1.5, noticed
+    assert back < 3.0, back
+    assert set(traffic.outcomes) == {"ok"}, (traffic.outcomes, traffic.messages[:3])
+    assert traffic.longest < deadline_s
+    assert "not answering" in srv.log() and "re-sending a request of model 'pair'" in srv.log()
