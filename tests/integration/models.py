@@ -39,10 +39,7 @@ def slow_model(model_dir: Path, instances: int, layers: int = 24, width: int = 5
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", width])],
         inits,
     )
-    config = (
-        f'name: "{model_dir.name}"\nmax_batch_size: 64\n'
-        f"instance_group [{{ count: {instances} kind: KIND_CPU }}]\n"
-    )
+    config = f'name: "{model_dir.name}"\nmax_batch_size: 64\ninstance_group [{{ count: {instances} kind: KIND_CPU }}]\n'
     write_model(model_dir, graph, config=config)
 
 

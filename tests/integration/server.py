@@ -111,19 +111,20 @@ class Process:
     process: subprocess.Popen[bytes]
     port: int
     log_path: Path
+    host: str = "127.0.0.1"
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
 
-def _wait_grpc_ready(port: int, timeout: float, proc: subprocess.Popen[bytes], log_path: Path) -> None:
+def _wait_grpc_ready(address: str, timeout: float, proc: subprocess.Popen[bytes], log_path: Path) -> None:
     import tritonclient.grpc as grpcclient
 
-    client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+    client = grpcclient.InferenceServerClient(address)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -138,12 +139,14 @@ def _wait_grpc_ready(port: int, timeout: float, proc: subprocess.Popen[bytes], l
 
 
 @contextlib.contextmanager
-def run_process(cmd: list[str], port: int, log_path: Path, ready_timeout: float = 60) -> Iterator[Process]:
+def run_process(
+    cmd: list[str], port: int, log_path: Path, ready_timeout: float = 60, host: str = "127.0.0.1"
+) -> Iterator[Process]:
     log_file = open(log_path, "wb")
     proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=dict(os.environ))
     try:
-        _wait_grpc_ready(port, ready_timeout, proc, log_path)
-        yield Process(proc, port, log_path)
+        _wait_grpc_ready(f"{host}:{port}", ready_timeout, proc, log_path)
+        yield Process(proc, port, log_path, host)
     finally:
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
@@ -157,14 +160,19 @@ def run_process(cmd: list[str], port: int, log_path: Path, ready_timeout: float 
         log_file.close()
 
 
-def run_node(repository: Path, model: str, log_path: Path) -> contextlib.AbstractContextManager[Process]:
-    """A standalone ``dl-inference worker`` serving V2 gRPC: a remote node for a gateway."""
+def run_node(
+    repository: Path, model: str, log_path: Path, *, host: str = "127.0.0.1", prefix: tuple[str, ...] = ()
+) -> contextlib.AbstractContextManager[Process]:
+    """A standalone ``dl-inference worker`` serving V2 gRPC: a remote node for a gateway.
+
+    ``prefix`` wraps the command (e.g. ``ip netns exec NS``) and ``host`` is where it listens.
+    """
     port = free_port()
     cmd = [
-        sys.executable, "-m", "dl_inference", "worker", "--model-repository", str(repository),
-        "--model", model, "--host", "127.0.0.1", "--grpc-port", str(port),
+        *prefix, sys.executable, "-m", "dl_inference", "worker", "--model-repository", str(repository),
+        "--model", model, "--host", host, "--grpc-port", str(port),
     ]  # fmt: skip
-    return run_process(cmd, port, log_path)
+    return run_process(cmd, port, log_path, host=host)
 
 
 def run_delay_proxy(target: str, delay_ms: float, log_path: Path) -> contextlib.AbstractContextManager[Process]:

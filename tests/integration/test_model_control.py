@@ -100,9 +100,7 @@ def test_poll_mode_reloads_and_keeps_old_version_when_new_one_is_broken(tmp_path
 def test_yaml_config_and_instance_count(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     scale_model(repo / "y", 4.0)
-    (repo / "y" / "config.yaml").write_text(
-        "max_batch_size: 4\ninstance_group:\n  - count: 3\n    kind: KIND_CPU\n"
-    )
+    (repo / "y" / "config.yaml").write_text("max_batch_size: 4\ninstance_group:\n  - count: 3\n    kind: KIND_CPU\n")
     with run_server(repo, tmp_path / "log") as srv:
         assert len(srv.worker_pids("y")) == 3
         c = grpcclient.InferenceServerClient(srv.grpc_url)
