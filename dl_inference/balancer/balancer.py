@@ -190,7 +190,7 @@ class Balancer:
         if policy is None:
             policy = self._policies[key] = make_policy(self.s.policy, self.rng)
         slow = self.s.slow_start_s
-        return policy.pick(candidates, [e.effective_weight(now, slow) for e in candidates])
+        return policy.pick(candidates, [e.effective_weight(now, slow) for e in candidates], now)
 
     def _failed(self, ep: Endpoint, peers: Sequence[Endpoint]) -> None:
         if self.outlier.on_failure(ep, peers, self.clock.now()):
@@ -220,28 +220,36 @@ class Balancer:
             ep.record_success(self.clock.now() - start)
         return reply
 
-    async def _hedged(self, key: object, ep: Endpoint, peers: Sequence[Endpoint], payload: bytes,
-                      timeout: float | None) -> Reply:  # fmt: skip
-        """First attempt; if it has not answered after ``hedge_delay_s``, race a second elsewhere."""
+    async def _hedged(
+        self, key: object, ep: Endpoint, peers: Sequence[Endpoint], payload: bytes, timeout: float | None,
+        tried: list[Endpoint],
+    ) -> Reply:  # fmt: skip
+        """First attempt; if it has not answered after ``hedge_delay_s``, race a second elsewhere.
+
+        The second endpoint is added to ``tried`` so a retry after both fail goes to a third.
+        """
         first = asyncio.ensure_future(self._attempt(ep, peers, payload, timeout))
-        done, _ = await asyncio.wait({first}, timeout=self.s.hedge_delay_s)
-        if done:
-            return first.result()
-        other = self.pick(key, peers, [ep])
-        if other is None or not self.budget.try_acquire():
-            return await first
-        self.hedges += 1
-        second = asyncio.ensure_future(self._attempt(other, peers, payload, timeout))
-        pending = {first, second}
+        pending = {first}
         try:
-            while pending:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    if task.exception() is None:
-                        return task.result()
-            return first.result()  # both failed: raise the first attempt's error
+            done, _ = await asyncio.wait(pending, timeout=self.s.hedge_delay_s)
+            if done:
+                return first.result()
+            other = self.pick(key, peers, [ep, *tried])
+            if other is None or not self.budget.try_acquire():
+                return await first
+            try:
+                self.hedges += 1
+                tried.append(other)
+                pending.add(asyncio.ensure_future(self._attempt(other, peers, payload, timeout)))
+                while pending:
+                    done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                    for task in done:
+                        if task.exception() is None:
+                            return task.result()
+                return first.result()  # both failed: raise the first attempt's error
+            finally:
+                self.budget.release()
         finally:
-            self.budget.release()
             for task in pending:
                 task.cancel()
 
@@ -255,9 +263,9 @@ class Balancer:
         tried: list[Endpoint] = []
         on_budget = False
         failure: Exception | None = None
+        ep = self.pick(key, endpoints)
         try:
             for attempt in range(s.max_retries + 1):
-                ep = self.pick(key, endpoints, tried)
                 if ep is None:
                     break
                 timeout = None
@@ -270,7 +278,7 @@ class Balancer:
                     timeout = s.per_try_timeout_s
                 try:
                     if attempt == 0 and s.hedge_delay_s > 0:
-                        return await self._hedged(key, ep, endpoints, payload, timeout)
+                        return await self._hedged(key, ep, endpoints, payload, timeout, tried)
                     return await self._attempt(ep, endpoints, payload, timeout)
                 except EndpointFailed as exc:
                     failure = exc
@@ -282,16 +290,21 @@ class Balancer:
                 tried.append(ep)
                 if attempt == s.max_retries:
                     break
-                if not (isinstance(failure, EndpointFailed) and failure.resend) and not on_budget:
+                following = self.pick(key, endpoints, tried)
+                if following is None:
+                    break  # nowhere else to go: not a retry
+                resend = isinstance(failure, EndpointFailed) and failure.resend
+                if not resend and not on_budget:
                     if not budget.try_acquire():
                         raise Unavailable(f"{what}: {failure} (not retried: retry budget exhausted)")
                     on_budget = True
                 ep.retries += 1
                 self.retries += 1
-                if isinstance(failure, EndpointFailed) and failure.resend:
+                if resend:
                     log.warning("re-sending a request of %s to another endpoint: %s", what, failure)
                 else:
                     log.debug("retrying a request of %s on another endpoint: %s", what, failure)
+                ep = following
         finally:
             budget.active -= 1
             if on_budget:

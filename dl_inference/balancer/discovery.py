@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -29,10 +30,19 @@ log = logging.getLogger(__name__)
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 
 
+_IPV6_NODE = re.compile(r"^\[[0-9A-Fa-f:.%\w]*\]:")
+
+
+def _looks_like_yaml(line: str) -> bool:
+    if line.startswith("["):
+        return not _IPV6_NODE.match(line)  # "[::1]:8001" is a plain node line, "[a, b]" is YAML
+    return line == "-" or line.startswith(("- ", "-\t", "{", "nodes:"))
+
+
 def parse_node_file(text: str, source: str) -> list[NodeSpec]:
     lines = [ln.split("#", 1)[0].strip() for ln in text.splitlines()]
     lines = [ln for ln in lines if ln]
-    if lines and not any(ln.startswith(("-", "{", "[", "nodes:")) for ln in lines):  # plain "host:port [weight]"
+    if lines and not any(_looks_like_yaml(ln) for ln in lines):  # plain "host:port [weight]" lines
         nodes = []
         for ln in lines:
             parts = ln.split()
@@ -47,9 +57,9 @@ def parse_node_file(text: str, source: str) -> list[NodeSpec]:
     if data is None:
         return []
     if isinstance(data, dict):
-        data = data.get("nodes", [])
+        data = data.get("nodes") or []
     if not isinstance(data, list):
-        raise InvalidArgument(f"{source}: expected a list of nodes")
+        raise InvalidArgument(f"{source}: expected a list of nodes (YAML) or 'host:port [weight]' lines")
     return [NodeSpec.parse(item, source) for item in data]
 
 

@@ -16,6 +16,7 @@ from dl_inference.protocol.framing import ExecStats, Kind
 Reply = tuple[Kind, int, ExecStats, bytes]
 
 EWMA_ALPHA = 0.3
+EWMA_DECAY_S = 10.0  # an endpoint without fresh samples looks faster over time, so it gets tried again
 MIN_PENALTY = 0.05
 SLOW_START_FLOOR = 0.1
 
@@ -42,6 +43,7 @@ class Endpoint:
         self.clock = clock
         self.inflight = 0
         self.ewma_s = 0.0  # 0: no sample yet
+        self.ewma_at = 0.0  # when the last sample came in
         self.requests = 0
         self.failures = 0
         self.retries = 0  # retries of requests that failed here
@@ -79,14 +81,21 @@ class Endpoint:
     def effective_weight(self, now: float, slow_start_s: float) -> float:
         w = self.weight * self.penalty
         since = now - self.returned_at
-        if since < slow_start_s:
+        if slow_start_s > 0 and since < slow_start_s:
             w *= max(SLOW_START_FLOOR, since / slow_start_s)
         return w
 
     # -- outcomes -----------------------------------------------------------------------------------
+    def latency(self, now: float) -> float:
+        """Latency EWMA, decayed by the time since its last sample (a stale estimate fades)."""
+        idle = now - self.ewma_at
+        return self.ewma_s * math.exp(-idle / EWMA_DECAY_S) if idle > 1.0 else self.ewma_s
+
     def record_success(self, latency_s: float) -> None:
         self.consecutive_failures = 0
-        self.ewma_s = latency_s if self.ewma_s == 0.0 else self.ewma_s + EWMA_ALPHA * (latency_s - self.ewma_s)
+        current = self.latency(self.clock.now())
+        self.ewma_s = latency_s if current == 0.0 else current + EWMA_ALPHA * (latency_s - current)
+        self.ewma_at = self.clock.now()
         if self.penalty < 1.0:
             self.penalty = min(1.0, self.penalty + 0.1)
 

@@ -6,11 +6,13 @@ give a, a, b, a, c, a, a — spread out, not in bursts.
 
 ``least_request`` is the power of two choices: two distinct random candidates, the one with the
 lower cost wins, cost = (in-flight + 1) x latency EWMA / effective weight. The +1 lets an idle
-endpoint's latency count; an endpoint without a latency sample yet is tried first.
+endpoint's latency count; an endpoint without a latency sample yet is tried first. The EWMA fades
+(time constant 10 s) while an endpoint gets no traffic, so one that was slow once is tried again.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 
@@ -18,7 +20,7 @@ from dl_inference.balancer.endpoint import Endpoint
 
 
 class Policy:
-    def pick(self, candidates: Sequence[Endpoint], weights: Sequence[float]) -> Endpoint:
+    def pick(self, candidates: Sequence[Endpoint], weights: Sequence[float], now: float = -math.inf) -> Endpoint:
         raise NotImplementedError
 
 
@@ -26,7 +28,7 @@ class SmoothWeightedRoundRobin(Policy):
     def __init__(self) -> None:
         self.scores: dict[Endpoint, float] = {}
 
-    def pick(self, candidates: Sequence[Endpoint], weights: Sequence[float]) -> Endpoint:
+    def pick(self, candidates: Sequence[Endpoint], weights: Sequence[float], now: float = -math.inf) -> Endpoint:
         if len(self.scores) > 2 * len(candidates) + 8:  # endpoints came and went: forget the departed
             keep = set(candidates)
             self.scores = {e: s for e, s in self.scores.items() if e in keep}
@@ -49,10 +51,10 @@ class LeastRequest(Policy):
         self.rng = rng or random.Random()
 
     @staticmethod
-    def cost(ep: Endpoint, weight: float) -> float:
-        return (ep.inflight + 1) * ep.ewma_s / weight
+    def cost(ep: Endpoint, weight: float, now: float = -math.inf) -> float:
+        return (ep.inflight + 1) * ep.latency(now) / weight
 
-    def pick(self, candidates: Sequence[Endpoint], weights: Sequence[float]) -> Endpoint:
+    def pick(self, candidates: Sequence[Endpoint], weights: Sequence[float], now: float = -math.inf) -> Endpoint:
         n = len(candidates)
         if n == 1:
             return candidates[0]
@@ -61,7 +63,7 @@ class LeastRequest(Policy):
         if j >= i:
             j += 1
         a, b = candidates[i], candidates[j]
-        return a if self.cost(a, weights[i]) <= self.cost(b, weights[j]) else b
+        return a if self.cost(a, weights[i], now) <= self.cost(b, weights[j], now) else b
 
 
 def make_policy(name: str, rng: random.Random | None = None) -> Policy:

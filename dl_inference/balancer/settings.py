@@ -56,6 +56,9 @@ class BalancerSettings:
         unknown = sorted(set(data) - known)
         if unknown:
             raise InvalidArgument(f"balancer: unknown setting(s) {', '.join(unknown)}")
+        for f in dataclasses.fields(cls):
+            if f.name in data:
+                data[f.name] = _typed(f.name, data[f.name], type(f.default))
         out = cls(**data)
         out.validate()
         return out
@@ -71,6 +74,12 @@ class BalancerSettings:
                      "dns_refresh_s", "node_file_poll_s"):  # fmt: skip
             if getattr(self, name) <= 0:
                 raise InvalidArgument(f"balancer {name} must be positive")
+        for name in ("base_ejection_s", "max_ejection_s"):
+            if getattr(self, name) <= 0:
+                raise InvalidArgument(f"balancer {name} must be positive")
+        for name in ("slow_start_s", "per_try_timeout_s", "hedge_delay_s", "drain_delay_s"):
+            if getattr(self, name) < 0:
+                raise InvalidArgument(f"balancer {name} must be >= 0 (0 turns it off)")
         for name in ("healthy_threshold", "unhealthy_threshold", "consecutive_failures"):
             if getattr(self, name) < 1:
                 raise InvalidArgument(f"balancer {name} must be at least 1")
@@ -81,6 +90,16 @@ class BalancerSettings:
         for name in ("max_ejection_percent", "panic_threshold_percent", "retry_budget_percent"):
             if not 0 <= getattr(self, name) <= 100:
                 raise InvalidArgument(f"balancer {name} must be between 0 and 100")
+
+
+def _typed(name: str, value: Any, kind: type) -> Any:
+    """``value`` as the setting's type; a clear error instead of a TypeError later."""
+    if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    raise InvalidArgument(f"balancer {name} must be {'a number' if kind in (int, float) else 'a ' + kind.__name__}, "
+                          f"got {value!r}")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -134,17 +153,18 @@ class DnsSpec:
     def parse(cls, item: Any) -> DnsSpec:
         if isinstance(item, str):
             host, sep, port = item.rpartition(":")
-            if not sep or not port.isdigit():
+            if not sep or not host or not port.isdigit():
                 raise InvalidArgument(f"node_dns entry '{item}' is not name:port")
-            return cls(host, int(port))
+            item = {"name": host, "port": port}
         if not isinstance(item, dict) or "name" not in item or "port" not in item:
-            raise InvalidArgument(f"node_dns entry {item!r} needs 'name' and 'port'")
+            raise InvalidArgument(f"node_dns entry {item!r} needs 'name' and 'port' ('name:port' or a mapping)")
         unknown = sorted(set(item) - {"name", "port", "weight", "models"})
         if unknown:
             raise InvalidArgument(f"node_dns: unknown field(s) {', '.join(unknown)}")
-        return cls(
-            str(item["name"]), int(item["port"]), float(item.get("weight", 1.0)), tuple(item.get("models") or ())
-        )
+        # The same checks as a node entry: host:port, a positive weight, a list of model names.
+        node = {"address": f"{item['name']}:{item['port']}", **{k: item[k] for k in ("weight", "models") if k in item}}
+        spec = NodeSpec.parse(node, "node_dns")
+        return cls(str(item["name"]), int(str(item["port"])), spec.weight, spec.models)
 
 
 @dataclass
