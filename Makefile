@@ -7,7 +7,7 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 
-.PHONY: install serve examples test test-unit test-integration lint proto proto-check bench clean
+.PHONY: install serve examples test test-unit test-integration lint proto proto-check bench clean bench-balancer
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,9 @@ proto-check: install
 # Served latency/throughput of the tiny model next to a bare grpc.aio server and in-process ORT.
 bench: install
 	$(PY) -m load_tests.bench_tiny --json load_tests/results/bench_tiny.json
+
+bench-balancer: install
+	$(PY) -m load_tests.bench_balancer --delay-ms 20 --concurrency 8 --rounds 3 --duration 8
 
 clean:
 	rm -rf $(VENV) examples/models .pytest_cache .mypy_cache .ruff_cache
