@@ -2,7 +2,8 @@
 
 Requests are forwarded as the client's ModelInferRequest bytes (identity serializers), with the
 remaining deadline as the gRPC timeout. A background task checks the node's health every
-``health_interval_s`` (grpc.health.v1 ``Check``; nodes without it fall back to V2 ``ServerReady``)
+``health_interval_s`` (grpc.health.v1 ``Check``, falling back to V2 ``ServerReady`` on nodes without
+it; or, with ``health_check: model_ready``, V2 ``ModelReady`` of each of its models)
 and, unless the node's models are configured, re-reads its repository index to learn which models
 and versions it serves, with their config and metadata for this gateway's metadata endpoints.
 """
@@ -130,6 +131,11 @@ class RemoteNode(Endpoint):
     async def _probe(self) -> None:
         """One health check; raises on failure."""
         timeout = self.s.health_timeout_s
+        if self.s.health_check == "model_ready":
+            names = sorted(set(self.spec.models) or {n for n, _ in self.models})
+            if names:
+                await self._probe_models(names, timeout)
+                return
         if self._use_health_service:
             check = self.channel.unary_unary(
                 "/grpc.health.v1.Health/Check",
@@ -152,6 +158,21 @@ class RemoteNode(Endpoint):
         ready = await self._call("ServerReady", pb.ServerReadyRequest(), pb.ServerReadyResponse, timeout)
         if not getattr(ready, "ready", False):
             raise RuntimeError("ServerReady says not ready")
+
+    async def _probe_models(self, names: list[str], timeout: float) -> None:
+        """V2 ModelReady for each model: the node is healthy while one is ready. A configured model
+        list shrinks to the ready ones (learned lists follow the repository index instead)."""
+        answers = await asyncio.gather(
+            *(self._call("ModelReady", pb.ModelReadyRequest(name=n), pb.ModelReadyResponse, timeout) for n in names)
+        )
+        ready = {n for n, a in zip(names, answers) if getattr(a, "ready", False)}
+        if self.spec.models:
+            models = {(n, ANY_VERSION) for n in ready}
+            if models != self.models:
+                self.models = models
+                self.on_change()
+        if not ready:
+            raise RuntimeError(f"ModelReady is false for {', '.join(names)}")
 
     async def _call(self, method: str, request: object, response: Any, timeout: float) -> object:
         stub = self.channel.unary_unary(

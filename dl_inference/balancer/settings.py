@@ -15,7 +15,7 @@ from typing import Any
 from dl_inference.errors import InvalidArgument
 
 POLICIES = ("least_request", "weighted_round_robin")
-HEALTH_CHECKS = ("grpc_health", "server_ready")
+HEALTH_CHECKS = ("grpc_health", "server_ready", "model_ready")
 
 
 @dataclass
@@ -23,7 +23,7 @@ class BalancerSettings:
     policy: str = "least_request"
     local_weight: float = 1.0  # weight of each local worker instance
     # active health checks of remote nodes
-    health_check: str = "grpc_health"  # grpc.health.v1 Check, or V2 ServerReady
+    health_check: str = "grpc_health"  # grpc.health.v1 Check | V2 ServerReady | V2 ModelReady per model
     health_interval_s: float = 1.0
     health_timeout_s: float = 1.0
     healthy_threshold: int = 2

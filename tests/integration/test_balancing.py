@@ -253,3 +253,38 @@ def test_a_hung_local_worker_is_noticed_by_ping_and_its_requests_go_elsewhere(tm
     assert set(traffic.outcomes) == {"ok"}, (traffic.outcomes, traffic.messages[:3])
     assert traffic.longest < deadline_s
     assert "not answering" in srv.log() and "re-sending a request of model 'pair'" in srv.log()
+
+
+def test_killing_a_remote_node_under_load_loses_nothing(nodes: list[Process], repo: Path, tmp_path: Path) -> None:
+    with run_node(repo, "scale", tmp_path / "victim.log") as victim:
+        config = {"nodes": [nodes[0].address, nodes[1].address, victim.address], "balancer": FAST_CHECKS}
+        with gateway(tmp_path, config) as srv:
+            with Traffic(srv.grpc_url, "scale", threads=6, x=X, client_timeout=5.0) as traffic:
+                time.sleep(1.0)
+                assert endpoints(srv)[victim.address]["requests"] > 0
+                victim.process.kill()
+                victim.process.wait()
+                gone = wait_for(lambda: endpoints(srv)[victim.address]["state"] != "healthy", 5)
+                time.sleep(1.0)
+            table = endpoint_table(srv)
+    assert set(traffic.outcomes) == {"ok"}, (traffic.outcomes, traffic.messages[:3])
+    assert gone < 2.0
+    row = next(e for e in table["endpoints"] if e["endpoint"] == victim.address)
+    assert row["failures"] >= 1 and row["retries"] == row["failures"]  # every failure there was retried elsewhere
+    assert table["counters"]["retries"] >= 1
+
+
+def test_model_ready_health_check_follows_each_model(nodes: list[Process], tmp_path: Path) -> None:
+    config = {
+        "nodes": [{"address": nodes[0].address, "models": ["scale", "ghost"]}],
+        "balancer": {"health_check": "model_ready", **FAST_CHECKS},
+    }
+    with gateway(tmp_path, config) as srv:
+        client = grpcclient.InferenceServerClient(srv.grpc_url)
+        assert client.is_model_ready("scale") and not client.is_model_ready("ghost")
+        assert endpoint_table(srv)["models"] == {"scale:*": [nodes[0].address]}
+        inp = grpcclient.InferInput("x", [1, 4], "FP32")
+        inp.set_data_from_numpy(X)
+        assert client.infer("scale", [inp]).as_numpy("y").tolist() == [[0.0, 2.0, 4.0, 6.0]]
+        with pytest.raises(Exception, match="unknown model 'ghost'"):
+            client.infer("ghost", [inp])
