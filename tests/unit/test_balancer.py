@@ -1174,7 +1174,7 @@ def test_settings_from_mapping() -> None:
     [
         ({"max_retry": 1, "polcy": "x"}, "balancer: unknown setting(s) max_retry, polcy"),
         ({"policy": "random"}, "balancer policy 'random' is not one of least_request, weighted_round_robin"),
-        ({"health_check": "tcp"}, "balancer health_check 'tcp' is not one of grpc_health, server_ready"),
+        ({"health_check": "tcp"}, "balancer health_check 'tcp' is not one of grpc_health, server_ready, model_ready"),
         ({"health_interval_s": 0}, "balancer health_interval_s must be positive"),
         ({"node_file_poll_s": -1}, "balancer node_file_poll_s must be positive"),
         ({"unhealthy_threshold": 0}, "balancer unhealthy_threshold must be at least 1"),
