@@ -126,11 +126,15 @@ def parameter_bool(config: ModelConfig, key: str, default: bool = False) -> bool
 _REGISTRY: dict[str, str] = {
     "onnxruntime": "dl_inference.backends.onnxruntime_backend:OnnxRuntimeBackend",
     "caffe": "dl_inference.backends.caffe_backend:CaffeBackend",
+    "pytorch": "dl_inference.backends.pytorch_backend:PyTorchBackend",
 }
 # Triton platform names and other spellings -> registry name.
 _ALIASES: dict[str, str] = {
     "onnxruntime_onnx": "onnxruntime",
     "onnx": "onnxruntime",
+    "pytorch_libtorch": "pytorch",
+    "libtorch": "pytorch",
+    "torch": "pytorch",
 }
 
 

@@ -23,7 +23,7 @@ def wire_shape(config: mc.ModelConfig, dims: Iterable[int]) -> list[int]:
 def platform_of(config: mc.ModelConfig) -> str:
     if config.platform:
         return config.platform
-    return {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}.get(
+    return {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan", "pytorch": "pytorch_libtorch"}.get(
         config.backend, config.backend
     )
 

@@ -62,6 +62,8 @@ _MODEL_FILES: tuple[tuple[str, str], ...] = (
     ("model.plan", "tensorrt"),
     ("model.pt", "pytorch"),
     ("model.pt2", "pytorch"),
+    ("model.py", "pytorch"),
+    ("model.pth", "pytorch"),
     ("model.savedmodel", "tensorflow"),
 )
 # File-name suffixes used when ``default_model_filename`` names a non-default file.

@@ -1,0 +1,376 @@
+"""PyTorch backend: torch.export programs, AOTInductor packages, TorchScript, model.py + weights.
+
+Model file, chosen from the version directory (or ``default_model_filename``):
+
+* ``model.py`` (+ ``model.safetensors`` or a ``model.pt`` state_dict): ``model.py`` defines
+  ``create_model()`` returning the ``nn.Module`` (or a class ``Model`` taking no arguments); the
+  weights are read without unpickling code (safetensors, or ``torch.load(weights_only=True)``).
+* ``model.pt2``: a ``torch.export`` ExportedProgram (the default format), or an AOTInductor package
+  built by ``torch._inductor.aoti_compile_and_package`` (told apart by the package's contents).
+* ``model.pt``: TorchScript (legacy).
+* ``model.pth``: a pickled whole module (dl_inference's old format). Unpickling runs whatever code
+  the file names, so it is refused unless the config sets ``parameters { key: "allow_pickle" ... "true" }``.
+
+The config must list inputs and outputs: PyTorch files do not name their tensors. The module is
+called with the inputs positionally, in config order; a tensor result is the single output, a
+tuple/list maps to the outputs in config order, a dict by name. (Without inputs/outputs in the
+config — a model behind a ``handler.py`` — inputs are passed in the order the handler gives them and
+outputs are named ``output__0``, ``output__1``, ... or by the dict's keys.)
+
+Config parameters: ``precision`` fp32|fp16|bf16 (module and float inputs cast; outputs cast back to
+the config datatype); ``compile`` off|default|reduce-overhead|max-autotune (``torch.compile`` mode;
+reduce-overhead uses CUDA graphs); ``compile_batch_sizes`` "1,8,32": batches are padded up to the
+next of these sizes (and larger ones run in chunks of the largest), and each size is warmed up
+before the model is ready, so requests never wait for a compile; ``intra_op_threads`` (CPU, default
+1 per instance, as for ONNX Runtime). ``instance_group`` KIND_GPU places the instance on its GPU.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import logging
+import sys
+import time
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dl_inference.backends.base import Backend, get_parameter, parameter_bool, parameter_int
+from dl_inference.errors import Code, InternalError, InvalidArgument, ServerError
+from dl_inference.protocol.datatypes import numpy_dtype
+from dl_inference.protocol.generated.model_config_pb2 import ModelConfig
+from dl_inference.protocol.model_info import dtype_name
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+_TORCH_DTYPES = {
+    "BOOL": torch.bool, "UINT8": torch.uint8, "INT8": torch.int8, "INT16": torch.int16, "INT32": torch.int32,
+    "INT64": torch.int64, "FP16": torch.float16, "BF16": torch.bfloat16, "FP32": torch.float32,
+    "FP64": torch.float64, "UINT16": torch.uint16, "UINT32": torch.uint32, "UINT64": torch.uint64,
+}  # fmt: skip
+
+
+def _module_from_py(path: Path, model_name: str) -> torch.nn.Module:
+    spec = importlib.util.spec_from_file_location(f"dl_inference_model_{model_name}_{abs(hash(path))}", path)
+    if spec is None or spec.loader is None:
+        raise InvalidArgument(f"model '{model_name}': cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # classes defined there must be importable by name (pickling, dataclasses)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[spec.name]
+        raise InvalidArgument(
+            f"model '{model_name}': {path.name} failed to import: {type(exc).__name__}: {exc}"
+        ) from exc
+    factory = getattr(module, "create_model", None) or getattr(module, "Model", None)
+    if factory is None:
+        raise InvalidArgument(f"model '{model_name}': {path.name} must define create_model() or a class Model")
+    try:
+        net = factory()
+    except Exception as exc:
+        raise InvalidArgument(f"model '{model_name}': {path.name}: building the module failed: {exc}") from exc
+    if not isinstance(net, torch.nn.Module):
+        raise InvalidArgument(f"model '{model_name}': {path.name} built a {type(net).__name__}, not a torch.nn.Module")
+    return net
+
+
+def _load_state_dict(net: torch.nn.Module, version_dir: Path, model_name: str) -> str:
+    """Load weights next to model.py, if any; return what was loaded."""
+    st = version_dir / "model.safetensors"
+    pt = version_dir / "model.pt"
+    if st.exists():
+        from safetensors.torch import load_file
+
+        state = load_file(str(st))
+        source = st.name
+    elif pt.exists():
+        try:
+            state = torch.load(str(pt), map_location="cpu", weights_only=True)
+        except Exception as exc:  # weights_only refuses anything but tensors and plain containers
+            raise InvalidArgument(
+                f"model '{model_name}': {pt.name} next to model.py must be a state_dict of tensors: {exc}"
+            ) from exc
+        if not isinstance(state, dict):
+            raise InvalidArgument(f"model '{model_name}': {pt.name} is a {type(state).__name__}, not a state_dict")
+        source = pt.name
+    else:
+        return "no weights file (the module's own initialisation)"
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise InvalidArgument(f"model '{model_name}': {source} does not fit the module in model.py: {exc}") from exc
+    return source
+
+
+def _is_aoti_package(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any("aotinductor" in n for n in z.namelist())
+    except zipfile.BadZipFile:
+        return False
+
+
+class PyTorchBackend(Backend):
+    name = "pytorch"
+
+    def __init__(self) -> None:
+        self.module: Any = None
+        self.device = torch.device("cpu")
+        self.dtype = torch.float32
+        self.inputs: list[tuple[str, torch.dtype]] = []
+        self.outputs: list[tuple[str, np.dtype]] = []
+        self.buckets: list[int] = []
+        self.max_batch_size = 0
+        self.model_name = ""
+        self.format = ""
+
+    # -- loading --------------------------------------------------------------------------------
+    def load(
+        self, version_dir: Path, config: ModelConfig, device: str = "cpu", device_id: int | None = None
+    ) -> ModelConfig:
+        start = time.monotonic()
+        name = self.model_name = config.name
+        completed = ModelConfig()
+        completed.CopyFrom(config)
+        completed.backend = "pytorch"
+        if device == "gpu":
+            if not torch.cuda.is_available():
+                raise ServerError(
+                    f"model '{name}': instance_group asks for a GPU but this worker's torch {torch.__version__} "
+                    f"sees no CUDA device",
+                    Code.FAILED_PRECONDITION,
+                )
+            self.device = torch.device("cuda", device_id or 0)
+        else:
+            torch.set_num_threads(parameter_int(config, "intra_op_threads", 1, minimum=1))
+        precision = (get_parameter(config, "precision") or "fp32").lower()
+        if precision not in PRECISIONS:
+            raise InvalidArgument(
+                f"model '{name}': parameter 'precision' must be fp32, fp16 or bf16, got '{precision}'"
+            )
+        self.dtype = PRECISIONS[precision]
+        mode = (get_parameter(config, "compile") or "off").lower()
+        if mode not in COMPILE_MODES:
+            raise InvalidArgument(
+                f"model '{name}': parameter 'compile' must be one of {', '.join(COMPILE_MODES)}, got '{mode}'"
+            )
+        self.max_batch_size = config.max_batch_size
+        self.buckets = self._buckets(config)
+        for t in config.input:
+            if dtype_name(t.data_type) not in _TORCH_DTYPES:
+                raise InvalidArgument(
+                    f"model '{name}': input '{t.name}' is {dtype_name(t.data_type)}; PyTorch models take numeric "
+                    f"tensors (turn BYTES into tensors in a handler.py)"
+                )
+        self.inputs = [(t.name, _TORCH_DTYPES[dtype_name(t.data_type)]) for t in config.input]
+        self.outputs = [(t.name, numpy_dtype(dtype_name(t.data_type))) for t in config.output]
+
+        module = self._read(version_dir, config)
+        if self.format != "aoti":
+            if self.format != "torch.export program":  # exported programs keep the mode they were exported in
+                module = module.eval()
+            module = module.to(self.device)
+            if self.dtype != torch.float32:
+                module = module.to(self.dtype)
+            if mode != "off":
+                module = torch.compile(module, mode=None if mode == "default" else mode, dynamic=False)
+        elif precision != "fp32" or mode != "off":
+            raise InvalidArgument(
+                f"model '{name}': an AOTInductor package is compiled for its device and precision; "
+                f"drop the 'precision'/'compile' parameters (they apply to model.pt2 programs, model.pt and model.py)"
+            )
+        self.module = module
+        if mode != "off" and config.input:
+            self._warm_up(config, mode)
+        log.info(
+            "model '%s': %s on %s, precision %s, compile %s%s, in %.1f s",
+            name, self.format, self.device, precision, mode,
+            f" (batch sizes {', '.join(map(str, self.buckets))})" if self.buckets else "", time.monotonic() - start,
+        )  # fmt: skip
+        return completed
+
+    def _buckets(self, config: ModelConfig) -> list[int]:
+        raw = get_parameter(config, "compile_batch_sizes")
+        if not raw:
+            return []
+        try:
+            sizes = sorted({int(v) for v in raw.replace(" ", "").split(",") if v})
+        except ValueError:
+            raise InvalidArgument(
+                f"model '{config.name}': parameter 'compile_batch_sizes' must be a comma list of integers, got '{raw}'"
+            ) from None
+        if not sizes or sizes[0] < 1 or (config.max_batch_size and sizes[-1] > config.max_batch_size):
+            raise InvalidArgument(
+                f"model '{config.name}': compile_batch_sizes {raw} must be between 1 and max_batch_size "
+                f"{config.max_batch_size}"
+            )
+        if config.max_batch_size == 0:
+            raise InvalidArgument(f"model '{config.name}': compile_batch_sizes needs max_batch_size > 0")
+        return sizes
+
+    def _read(self, version_dir: Path, config: ModelConfig) -> Any:
+        name = config.name
+        chosen = config.default_model_filename
+        candidates = [chosen] if chosen else ["model.py", "model.pt2", "model.pt", "model.pth"]
+        path = next((version_dir / c for c in candidates if (version_dir / c).exists()), None)
+        if path is None:
+            raise InvalidArgument(
+                f"model '{name}': no PyTorch model in {version_dir} (looked for {', '.join(candidates)})"
+            )
+        if path.suffix == ".py":
+            net = _module_from_py(path, name)
+            weights = _load_state_dict(net, version_dir, name)
+            self.format = f"model.py + {weights}"
+            return net
+        if path.suffix == ".pt2":
+            if _is_aoti_package(path):
+                self.format = "aoti"
+                if self.device.type == "cpu":
+                    return torch._inductor.aoti_load_package(str(path))
+                with torch.cuda.device(self.device):
+                    return torch._inductor.aoti_load_package(str(path))
+            try:
+                program = torch.export.load(str(path))
+            except Exception as exc:
+                raise InvalidArgument(f"model '{name}': {path.name} is not a torch.export program: {exc}") from exc
+            self.format = "torch.export program"
+            return program.module()
+        if path.suffix == ".pth" or (path.suffix == ".pt" and not zipfile.is_zipfile(path)):
+            if not parameter_bool(config, "allow_pickle"):
+                raise InvalidArgument(
+                    f"model '{name}': {path.name} is a pickled module. Loading it runs any code the file names "
+                    f"(arbitrary code execution), so it is refused. Export the model with torch.export "
+                    f"(model.pt2), or ship model.py + a state_dict; to load this file anyway set the config "
+                    f"parameter allow_pickle to true"
+                )
+            log.warning("model '%s': unpickling %s because allow_pickle is set", name, path)
+            net = torch.load(str(path), map_location="cpu", weights_only=False)
+            if not isinstance(net, torch.nn.Module):
+                raise InvalidArgument(f"model '{name}': {path.name} holds a {type(net).__name__}, not a module")
+            self.format = "pickled module (allow_pickle)"
+            return net
+        try:
+            net = torch.jit.load(str(path), map_location="cpu")
+        except RuntimeError as exc:
+            if parameter_bool(config, "allow_pickle"):
+                self.format = "pickled module (allow_pickle)"
+                return torch.load(str(path), map_location="cpu", weights_only=False)
+            raise InvalidArgument(
+                f"model '{name}': {path.name} is not TorchScript ({exc}). If it is a pickled module, loading it "
+                f"runs arbitrary code: export it with torch.export (model.pt2) instead, or set allow_pickle"
+            ) from exc
+        self.format = "TorchScript"
+        return net
+
+    def _warm_up(self, config: ModelConfig, mode: str) -> None:
+        """Compile and (for CUDA graphs) capture every batch size before the model is ready."""
+        sizes = self.buckets or ([1] if config.max_batch_size else [0])
+        repeats = 3 if "reduce-overhead" in mode or mode == "max-autotune" else 1
+        for size in sizes:
+            t0 = time.monotonic()
+            inputs = {}
+            for t in config.input:
+                dims = [max(d, 1) for d in t.dims]
+                shape = [size, *dims] if size else dims
+                inputs[t.name] = np.zeros(shape, numpy_dtype(dtype_name(t.data_type)))
+            for _ in range(repeats):
+                self.infer(inputs, [])
+            log.info("model '%s': compiled for batch size %d in %.1f s", self.model_name, size, time.monotonic() - t0)
+
+    # -- inference ------------------------------------------------------------------------------
+    def _to_tensor(self, arr: np.ndarray, want: torch.dtype | None) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(arr)) if arr.dtype != object else None
+        if t is None:
+            raise InvalidArgument(f"model '{self.model_name}': PyTorch models cannot take BYTES tensors")
+        if want is not None and t.dtype != want:
+            t = t.to(want)
+        if t.is_floating_point() and t.dtype != self.dtype and self.format != "aoti":
+            t = t.to(self.dtype)
+        return t.to(self.device, non_blocking=self.device.type == "cuda")
+
+    def _run(self, tensors: list[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+        out = self.module(*tensors)
+        if isinstance(out, torch.Tensor):
+            items: list[tuple[str, Any]] = [(self.outputs[0][0] if self.outputs else "output__0", out)]
+        elif isinstance(out, dict):
+            items = list(out.items())
+        elif isinstance(out, list | tuple):
+            names = [n for n, _ in self.outputs] or [f"output__{i}" for i in range(len(out))]
+            if len(out) != len(names):
+                raise InternalError(
+                    f"model '{self.model_name}' returned {len(out)} outputs, its config lists {len(names)}"
+                )
+            items = list(zip(names, out))
+        else:
+            raise InternalError(f"model '{self.model_name}' returned a {type(out).__name__}, not tensors")
+        for key, value in items:
+            if not isinstance(value, torch.Tensor):
+                raise InternalError(f"model '{self.model_name}': output '{key}' is a {type(value).__name__}")
+        return items
+
+    def infer(self, inputs: dict[str, np.ndarray], output_names: Sequence[str]) -> dict[str, np.ndarray]:
+        if self.module is None:
+            raise InternalError(f"model '{self.model_name}' is not loaded")
+        order: list[tuple[str, torch.dtype | None]] = list(self.inputs) or [(n, None) for n in inputs]
+        for name, _ in order:
+            if name not in inputs:
+                raise InvalidArgument(f"model '{self.model_name}': input '{name}' is missing")
+        rows = next(iter(inputs.values())).shape[0] if self.max_batch_size and inputs else 0
+        chunks = [(0, rows)]
+        if self.buckets and rows > self.buckets[-1]:
+            step = self.buckets[-1]
+            chunks = [(i, min(i + step, rows)) for i in range(0, rows, step)]
+        parts: list[list[tuple[str, torch.Tensor]]] = []
+        with torch.inference_mode():
+            for lo, hi in chunks:
+                tensors = []
+                for name, want in order:
+                    arr = inputs[name][lo:hi] if len(chunks) > 1 else inputs[name]
+                    tensors.append(self._to_tensor(arr, want))
+                n = hi - lo
+                pad = self._pad_to(n) - n if self.buckets else 0
+                if pad:
+                    tensors = [torch.cat([t, t.new_zeros((pad, *t.shape[1:]))]) for t in tensors]
+                items = self._run(tensors)
+                parts.append([(k, v[:n] if pad else v) for k, v in items])
+        wanted = set(output_names)
+        out: dict[str, np.ndarray] = {}
+        types = dict(self.outputs)
+        for i, (key, _) in enumerate(parts[0]):
+            if wanted and key not in wanted:
+                continue
+            t = parts[0][i][1] if len(parts) == 1 else torch.cat([p[i][1] for p in parts])
+            host = t.detach().cpu()
+            if host.dtype == torch.bfloat16:  # numpy has no bfloat16; ml_dtypes' comes from the cast below
+                host = host.float()
+            result = host.numpy()
+            if key in types and result.dtype != types[key]:
+                result = result.astype(types[key])
+            out[key] = result
+        return out
+
+    def _pad_to(self, n: int) -> int:
+        for size in self.buckets:
+            if size >= n:
+                return size
+        return n
+
+    def unload(self) -> None:
+        if self.module is None:
+            return
+        self.module = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+        # model.py modules imported for this model can go too
+        for key in [k for k in sys.modules if k.startswith(f"dl_inference_model_{self.model_name}_")]:
+            del sys.modules[key]
