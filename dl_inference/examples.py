@@ -15,11 +15,19 @@
 ``versioned``
     versions 1, 2, 3 where version N computes y = x * N, x and y FP32 [-1,4];
     ``config.pbtxt`` with ``version_policy: { all {} }``.
+``image_classifier``
+    a model behind a ``handler.py``: clients send JPEG/PNG bytes (``image`` BYTES [-1,1]) and get the
+    top-k colour labels (``labels`` BYTES [-1,-1], ``"score:index:label"``, ``top_k`` parameter,
+    default 3). The handler decodes and resizes to 32x32 in ``preprocess``; the ONNX model
+    (``pixels`` FP32 [-1,3,32,32] -> ``probabilities`` FP32 [-1,8]) averages the image's colour and
+    scores it against 8 reference colours (red, green, blue, yellow, cyan, magenta, white, black),
+    so its answers are predictable; dynamic batching, max_batch_size 8.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -107,9 +115,7 @@ def _identity_all(root: Path) -> None:
     for datatype in V2_DATATYPES:
         elem = ONNX_ELEMENT_TYPE[datatype]
         dims = ["batch", f"n_{datatype}"]
-        nodes.append(
-            helper.make_node("Identity", [f"in_{datatype}"], [f"out_{datatype}"], name=f"id_{datatype}")
-        )
+        nodes.append(helper.make_node("Identity", [f"in_{datatype}"], [f"out_{datatype}"], name=f"id_{datatype}"))
         inputs.append(helper.make_tensor_value_info(f"in_{datatype}", elem, dims))
         outputs.append(helper.make_tensor_value_info(f"out_{datatype}", elem, dims))
     graph = helper.make_graph(nodes, "identity_all", inputs, outputs)
@@ -162,12 +168,59 @@ def _versioned(root: Path) -> None:
     _write_pbtxt(model_dir, config)
 
 
+#: The image classifier's classes and their reference colours (RGB in [0, 1]).
+COLOURS: dict[str, tuple[float, float, float]] = {
+    "red": (1, 0, 0),
+    "green": (0, 1, 0),
+    "blue": (0, 0, 1),
+    "yellow": (1, 1, 0),
+    "cyan": (0, 1, 1),
+    "magenta": (1, 0, 1),
+    "white": (1, 1, 1),
+    "black": (0, 0, 0),
+}
+_SHARPNESS = 5.0  # softmax temperature: logits are -sharpness * squared distance to each colour
+
+
+def _image_classifier(root: Path) -> None:
+    # logit_k = -s * |x - p_k|^2 = s * (2 x.p_k - |p_k|^2) - s |x|^2; the last term is the same for
+    # every class, so softmax ignores it and a Gemm computes the rest.
+    ref = np.array(list(COLOURS.values()), dtype=np.float32)  # [K, 3]
+    weight = (2 * _SHARPNESS * ref.T).astype(np.float32)  # [3, K]
+    bias = (-_SHARPNESS * (ref**2).sum(axis=1)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("GlobalAveragePool", ["pixels"], ["mean"], name="mean_colour"),
+            helper.make_node("Flatten", ["mean"], ["rgb"], axis=1, name="flatten"),
+            helper.make_node("Gemm", ["rgb", "W", "b"], ["logits"], name="score"),
+            helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1, name="softmax"),
+        ],
+        "image_classifier",
+        [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["batch", 3, 32, 32])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", len(COLOURS)])],
+        initializer=[numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "b")],
+    )
+    model_dir = root / "image_classifier"
+    _save(_model(graph), model_dir)
+    (model_dir / "labels.txt").write_text("".join(f"{name}\n" for name in COLOURS), encoding="utf-8")
+    shutil.copyfile(Path(__file__).parent / "example_handlers" / "image_classifier.py", model_dir / "handler.py")
+    config = mc.ModelConfig(name="image_classifier", backend="onnxruntime", max_batch_size=8)
+    # What clients send and get; the handler turns these into the model's pixels/probabilities.
+    config.input.add(name="image", data_type=mc.TYPE_STRING, dims=[1])
+    config.output.add(name="labels", data_type=mc.TYPE_STRING, dims=[-1])
+    config.dynamic_batching.max_queue_delay_microseconds = 2000
+    config.parameters["top_k"].string_value = "3"
+    config.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
+    _write_pbtxt(model_dir, config)
+
+
 #: Example model name -> builder writing ``root/<name>``.
 EXAMPLE_MODELS: dict[str, Callable[[Path], None]] = {
     "simple": _simple,
     "identity_all": _identity_all,
     "add_sub": _add_sub,
     "versioned": _versioned,
+    "image_classifier": _image_classifier,
 }
 
 

@@ -14,6 +14,7 @@ from dl_inference.protocol.generated import model_config_pb2 as mc
 from dl_inference.repository.config import backend_name, load_model_config, validate_config
 from dl_inference.repository.scan import resolve_inside, validate_model_name
 from dl_inference.repository.versions import list_versions, select_versions
+from dl_inference.worker.handler import Handler, HandlerContext, find_handler
 from dl_inference.worker.runner import ModelRunner
 from dl_inference.worker.warmup import run_warmup
 
@@ -48,15 +49,38 @@ def load_model_version(
         raise NotFound(f"model '{name}' has no version {version} in {model_dir}")
     version_dir = available[version]
     backend = get_backend(backend_name(config, version_dir))
-    completed = backend.load(version_dir, config, device, device_id)
+    handler_path = find_handler(version_dir)
+    handler: Handler | None = None
+    if handler_path is None:
+        completed = backend.load(version_dir, config, device, device_id)
+    else:
+        # The config's tensors are the client's; the backend describes the model file's own.
+        backend_in = mc.ModelConfig()
+        backend_in.CopyFrom(config)
+        del backend_in.input[:], backend_in.output[:], backend_in.model_warmup[:]
+        backend_config = backend.load(version_dir, backend_in, device, device_id)
+        completed = mc.ModelConfig()
+        completed.CopyFrom(backend_config)
+        for field in ("input", "output", "model_warmup"):
+            if getattr(config, field):
+                target = getattr(completed, field)
+                del target[:]
+                target.extend(getattr(config, field))
     try:
         validate_config(completed)
-        run_warmup(backend, completed, version_dir)  # before HELLO: the model is not ready until warm
+        if handler_path is not None:
+            context = HandlerContext(
+                name, version, model_dir, version_dir, completed, backend_config, device, device_id
+            )
+            handler = Handler.load(handler_path, backend, context)
+        runner = ModelRunner(backend, completed, str(version), handler)
+        run_warmup(runner, completed, version_dir)  # before HELLO: the model is not ready until warm
     except BaseException:
         with contextlib.suppress(Exception):
             backend.unload()
+        if handler is not None:
+            handler.close()
         raise
-    runner = ModelRunner(backend, completed, str(version))
     took = time.monotonic() - start
     log.info("loaded model '%s' version %d on %s in %.2f s", name, version, device, took)
     return LoadedModel(runner, completed, version, took)

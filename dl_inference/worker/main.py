@@ -106,7 +106,7 @@ async def run_worker(args: argparse.Namespace) -> int:
     if grpc_server is not None:
         await grpc_server.stop(grace=5)
     executor.close()
-    loaded.runner.backend.unload()
+    loaded.runner.close()
     return 0
 
 

@@ -16,10 +16,12 @@ from google.protobuf.message import DecodeError
 
 from dl_inference.backends.base import Backend
 from dl_inference.errors import InternalError, InvalidArgument, NotFound, ServerError
+from dl_inference.protocol.datatypes import numpy_dtype
 from dl_inference.protocol.generated import grpc_service_pb2 as pb
 from dl_inference.protocol.generated import model_config_pb2 as mc
 from dl_inference.protocol.model_info import dtype_name
 from dl_inference.protocol.tensors import build_response, decode_inputs
+from dl_inference.worker.handler import Handler, config_parameters, request_parameters
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,8 @@ class Prepared:
     priority: int | None
     timeout_us: int | None
     prepare_ns: int
+    #: config parameters overlaid with the request's, for a handler (None without one)
+    parameters: dict[str, object] | None = None
 
 
 @dataclass(slots=True)
@@ -81,8 +85,10 @@ def _fmt(shape: Sequence[int]) -> str:
 class ModelRunner:
     """One model instance's request path: ``prepare`` per request, ``execute`` per batch."""
 
-    def __init__(self, backend: Backend, config: mc.ModelConfig, version: str) -> None:
+    def __init__(self, backend: Backend, config: mc.ModelConfig, version: str, handler: Handler | None = None) -> None:
         self.backend = backend
+        self.handler = handler
+        self._config_parameters: dict[str, object] = dict(config_parameters(config)) if handler else {}
         self.config = config
         self.version = version
         self.name = config.name
@@ -114,9 +120,7 @@ class ModelRunner:
             expected = [-1, *spec.dims] if self.max_batch_size > 0 else list(spec.dims)
             ok = len(shape) == len(expected) and all(e == -1 or e == s for e, s in zip(expected, shape))
             if not ok or any(s < 0 for s in shape):
-                raise InvalidArgument(
-                    f"input '{tensor.name}': expected shape {_fmt(expected)}, got {_fmt(shape)}"
-                )
+                raise InvalidArgument(f"input '{tensor.name}': expected shape {_fmt(expected)}, got {_fmt(shape)}")
             if self.max_batch_size > 0:
                 b = shape[0]
                 if b < 1 or b > self.max_batch_size:
@@ -125,9 +129,7 @@ class ModelRunner:
                         f"(max_batch_size of model '{self.name}')"
                     )
                 if batch and b != batch:
-                    raise InvalidArgument(
-                        f"input '{tensor.name}': batch size {b} differs from other inputs' {batch}"
-                    )
+                    raise InvalidArgument(f"input '{tensor.name}': batch size {b} differs from other inputs' {batch}")
                 batch = b
         missing = [n for n, s in self.inputs.items() if n not in seen and not s.optional]
         if missing:
@@ -169,7 +171,13 @@ class ModelRunner:
             if reshape is not None:
                 inputs[name] = arr.reshape([arr.shape[0], *reshape] if lead else list(reshape))
         # Requests may share one backend call only when everything but the batch dimension agrees.
-        key = tuple(sorted((n, a.dtype.str, a.shape[1:] if lead else a.shape) for n, a in inputs.items()))
+        key: tuple[object, ...] = tuple(
+            sorted((n, a.dtype.str, a.shape[1:] if lead else a.shape) for n, a in inputs.items())
+        )
+        parameters = None
+        if self.handler is not None:  # a handler sees one set of parameters per batch
+            parameters = {**self._config_parameters, **request_parameters(request)}
+            key = (key, tuple(sorted((k, type(v).__name__, v) for k, v in parameters.items())))
         return Prepared(
             request_id=request.id,
             inputs=inputs,
@@ -179,7 +187,21 @@ class ModelRunner:
             priority=_int_parameter(request, "priority"),
             timeout_us=_int_parameter(request, "timeout"),
             prepare_ns=time.monotonic_ns() - start,
+            parameters=parameters,
         )
+
+    def infer(self, inputs: dict[str, np.ndarray], output_names: Sequence[str]) -> dict[str, np.ndarray]:
+        """One direct call (warm-up), through the handler when there is one."""
+        if self.handler is None:
+            return self.backend.infer(inputs, output_names)
+        results, _ = self.handler.run(inputs, self._config_parameters)
+        return {n: self._check_handler_output(n, results) for n in (output_names or self.output_order)}
+
+    def close(self) -> None:
+        """Unload the backend and forget the handler module."""
+        self.backend.unload()
+        if self.handler is not None:
+            self.handler.close()
 
     # -- per batch: one backend call, outputs split back -----------------------------------------
     def execute(self, batch: Sequence[Prepared]) -> tuple[list[Outcome], ExecTimes]:
@@ -214,8 +236,14 @@ class ModelRunner:
         wanted = set().union(*(p.outputs for p in batch)) if len(batch) > 1 else set(batch[0].outputs)
         output_names = [n for n in self.output_order if n in wanted]
         t1 = time.monotonic_ns()
-        results = self.backend.infer(inputs, output_names)
-        t2 = time.monotonic_ns()
+        if self.handler is None:
+            results = self.backend.infer(inputs, output_names)
+            t2 = time.monotonic_ns()
+        else:
+            results, (pre_ns, infer_ns, _) = self.handler.run(inputs, batch[0].parameters or {})
+            results = {n: self._check_handler_output(n, results) for n in output_names}
+            t1 += pre_ns  # preprocess counts as input time, postprocess as output time
+            t2 = t1 + infer_ns
         total = sum(p.rows for p in batch)
         shaped = {name: self._shape_output(name, results, total) for name in output_names}
         if self.max_batch_size > 0 and len(batch) > 1:
@@ -237,6 +265,41 @@ class ModelRunner:
             outcomes.append((body, None))
         t3 = time.monotonic_ns()
         return outcomes, ExecTimes(t1 - t0, t2 - t1, t3 - t2)
+
+    def _check_handler_output(self, name: str, results: dict[str, np.ndarray]) -> np.ndarray:
+        """A handler's output, cast to the config datatype; InternalError naming what is wrong."""
+        try:
+            arr = results[name]
+        except KeyError:
+            raise InternalError(
+                f"model '{self.name}': the handler did not produce output '{name}' "
+                f"(it gave: {', '.join(results) or 'nothing'})"
+            ) from None
+        spec = self.outputs[name]
+        if spec.datatype == "BYTES":
+            if arr.dtype.kind not in "OSU":
+                raise InternalError(
+                    f"model '{self.name}': output '{name}': expected BYTES (bytes or str elements), "
+                    f"the handler gave {arr.dtype}"
+                )
+        else:
+            want = numpy_dtype(spec.datatype)
+            if arr.dtype != want:
+                if not np.can_cast(arr.dtype, want, casting="same_kind"):
+                    raise InternalError(
+                        f"model '{self.name}': output '{name}': expected datatype {spec.datatype}, "
+                        f"the handler gave {arr.dtype}"
+                    )
+                arr = arr.astype(want)
+        expected = [-1, *spec.dims] if self.max_batch_size > 0 else list(spec.dims)
+        shape = list(arr.shape)
+        if spec.reshape is None and not (
+            len(shape) == len(expected) and all(e == -1 or e == s for e, s in zip(expected, shape))
+        ):
+            raise InternalError(
+                f"model '{self.name}': output '{name}': expected shape {_fmt(expected)}, the handler gave {_fmt(shape)}"
+            )
+        return arr
 
     def _shape_output(self, name: str, results: dict[str, np.ndarray], batch: int) -> np.ndarray:
         try:

@@ -29,10 +29,10 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Protocol
 
 import numpy as np
 
-from dl_inference.backends.base import Backend
 from dl_inference.errors import InternalError, InvalidArgument, ServerError
 from dl_inference.protocol.datatypes import config_to_v2, numpy_dtype
 from dl_inference.protocol.generated import model_config_pb2 as mc
@@ -50,8 +50,14 @@ _RANDOM_STRING_MAX = 16  # random strings have 1.._RANDOM_STRING_MAX ASCII chara
 _ASCII = np.frombuffer((string.ascii_letters + string.digits).encode(), dtype=np.uint8)
 
 
+class SupportsInfer(Protocol):
+    """A backend, or a model runner (which also runs a model's handler)."""
+
+    def infer(self, inputs: dict[str, np.ndarray], output_names: Sequence[str]) -> dict[str, np.ndarray]: ...
+
+
 def run_warmup(
-    backend: Backend,
+    backend: SupportsInfer,
     config: mc.ModelConfig,
     version_dir: Path,
     *,

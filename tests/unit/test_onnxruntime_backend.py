@@ -26,7 +26,7 @@ from dl_inference.protocol.generated import model_config_pb2 as mc
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("repo")
-    assert make_example_repository(root) == ["simple", "identity_all", "add_sub", "versioned"]
+    assert make_example_repository(root) == ["simple", "identity_all", "add_sub", "versioned", "image_classifier"]
     return root
 
 
