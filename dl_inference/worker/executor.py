@@ -167,7 +167,8 @@ class InstanceExecutor:
         counted = False
         for item, (body, error) in zip(batch, outcomes):
             stats = ExecStats(
-                queue_ns=max(started - item.arrival_ns, 0),
+                # the queue starts once the request is parsed; parsing is compute input, as in Triton
+                queue_ns=max(started - item.arrival_ns - item.prepared.prepare_ns, 0),
                 compute_input_ns=item.prepared.prepare_ns + times.input_ns,
                 compute_infer_ns=times.infer_ns,
                 compute_output_ns=times.output_ns,

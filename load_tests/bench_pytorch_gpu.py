@@ -1,0 +1,1049 @@
+"""ResNet-50 on the PyTorch backend: fp32, fp16 and fp16 + torch.compile (CUDA graphs), served and in-process.
+
+What it does:
+
+1. writes a model repository (a temp dir, or ``--repo DIR``) with three copies of a ResNet-50
+   (``load_tests/resnet50_torch.py``: the torchvision architecture, written here, random weights
+   from a fixed seed), each ``1/model.py`` (that file, verbatim) + ``1/model.safetensors`` + a
+   ``config.pbtxt`` (backend ``pytorch``, ``input__0`` FP32 [3,224,224] -> ``output__0`` FP32
+   [1000], max_batch_size 64, ``dynamic_batching { max_queue_delay_microseconds: 1000 }``, one
+   KIND_GPU instance on GPU 0 — KIND_CPU with ``--device cpu``):
+
+   - ``resnet50_fp32``: precision fp32, compile off;
+   - ``resnet50_fp16``: precision fp16, compile off;
+   - ``resnet50_fp16_compiled``: precision fp16, compile reduce-overhead (CUDA graphs),
+     compile_batch_sizes 1,2,4,8,16,32,64 (each compiled and captured before the model is ready);
+
+2. starts ONE ``dl-inference serve --model-control-mode explicit`` on free ports and, model by
+   model, loads it (``POST /v2/repository/models/{m}/load``; the compiled one prints its
+   per-batch-size progress from the server log), runs ``load_tests.loadgen`` over gRPC, one image
+   per request, at each ``--concurrency`` (default 1, 16, 64), reads ``GET /v2/models/{m}/stats``
+   before and after each run (average executed batch size = delta inference_count / delta
+   execution_count), then unloads it so the next one has the GPU to itself;
+3. with the server stopped, in a subprocess of its own (its own CUDA context), times the same
+   network in-process at batch ``--ceiling-batch`` (default max_batch_size): fp32 eager, fp16
+   eager and fp16 ``torch.compile(mode="reduce-overhead")``, each (a) compute only, on an input
+   already on the GPU, and (b) with what a server must do besides: the FP32 numpy batch copied
+   to the GPU and cast there, the output copied back as FP32 numpy; plus (c) the way the
+   backend does it (a copy into a reused page-locked buffer, an asynchronous transfer, the cast
+   on the GPU), (d) (b) through a fresh page-locked buffer and, for fp16, (e) casting while
+   copying into the page-locked buffer (half the bytes to send; slower on the H200 machine, see
+   results/bench_pytorch_gpu.txt). Median of ``--ceiling-repeats`` timed repeats after warm-up,
+   synchronized;
+4. prints the table (model | conc | images/s | p50 ms | p99 ms | avg batch), the ceiling lines and
+   the ratios: fp16_compiled / fp32 throughput at the highest concurrency (target >= 3.2), and
+   fp16_compiled served / in-process ceiling with transfers (target >= 0.5) and / compute only;
+   writes ``<out-dir>/bench_pytorch_gpu.json`` and a ``.txt`` copy of everything printed (both
+   rewritten as the run goes, so a run cut short by a time limit leaves what it measured; the
+   server log is copied there too when the bench fails).
+
+On the GPU machine (about 6-8 minutes with the defaults; the compiled model's load, 7 batch sizes
+compiled and captured, is most of the rest beyond the 9 x 13 s of load)::
+
+    python3 -m load_tests.bench_pytorch_gpu --out-dir "$OUT"        # from the repository root
+    python3 -m load_tests.bench_pytorch_gpu --duration 6 --warmup 2   # about a minute shorter
+    python3 -m load_tests.bench_pytorch_gpu --models resnet50_fp16_compiled --no-ceiling
+
+CPU smoke test (64x64 images, max batch 4, compile "default", concurrency 1 and 4; ~80 s)::
+
+    .venv/bin/python -m load_tests.bench_pytorch_gpu --device cpu --quick
+
+It writes ``bench_pytorch_cpu_quick.{json,txt}`` then, so GPU results are not overwritten. The
+server is always stopped (its process group; workers exit when the gateway's socket closes), on
+errors and Ctrl-C too; on errors the temp dir with the server log is kept and named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from load_tests.bench_tiny import (
+    REPO_ROOT,
+    BenchError,
+    Server,
+    free_port,
+    log_tail,
+    machine_info,
+    ours_command,
+    ratio,
+    sigterm_as_interrupt,
+    start_server,
+    stop_server,
+    wait_ready,
+)
+from load_tests.loadgen import LoadConfig, LoadgenError, summary_line
+from load_tests.loadgen import run as run_load
+
+RESNET_SOURCE = Path(__file__).with_name("resnet50_torch.py")
+FP32, FP16, COMPILED = "resnet50_fp32", "resnet50_fp16", "resnet50_fp16_compiled"
+COMPILED_U8 = "resnet50_fp16_compiled_u8"  # clients send UINT8 pixels (4x fewer bytes); scaled on the GPU
+MODELS = (FP32, FP16, COMPILED, COMPILED_U8)
+# model.py of the UINT8 variant: the same network (same state_dict names), pixels / 255 on the device.
+U8_WRAPPER = """
+
+class ResNet50U8(ResNet50):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.to(self.conv1.weight.dtype) * (1.0 / 255.0))
+
+
+def create_model() -> nn.Module:  # noqa: F811 - replaces the FP32-input factory above
+    return ResNet50U8()
+"""
+INPUT, OUTPUT = "input__0", "output__0"
+NUM_CLASSES = 1000
+SPEEDUP_TARGET = 3.2  # fp16_compiled / fp32 served images/s at the highest concurrency: at least this
+CEILING_TARGET = 0.5  # fp16_compiled served / in-process fp16 compiled with transfers: at least this
+GPU_DEFAULTS = {
+    "image": 224,
+    "max_batch_size": 64,
+    "compile_mode": "reduce-overhead",
+    "compile_batch_sizes": "1,2,4,8,16,32,64",
+    "concurrency": "1,16,64",
+    "duration": 10.0,
+    "warmup": 3.0,
+    "ceiling_seconds": 0.5,
+    "ceiling_repeats": 5,
+    "request_batch": 8,
+}
+QUICK_DEFAULTS = {  # smoke test: everything small
+    "image": 64,
+    "max_batch_size": 4,
+    "compile_mode": "reduce-overhead",  # "default" on CPU: reduce-overhead is CUDA graphs
+    "compile_batch_sizes": "4",
+    "concurrency": "1,4",
+    "duration": 3.0,
+    "warmup": 1.0,
+    "ceiling_seconds": 0.3,
+    "ceiling_repeats": 3,
+    "request_batch": 1,
+}
+
+
+class Output:
+    """print(..., flush=True), keep every line for the .txt copy, and save the partial results as they
+    come (a run cut short by a time limit still leaves what it measured)."""
+
+    def __init__(self, json_path: Path | None = None, txt_path: Path | None = None) -> None:
+        self.lines: list[str] = []
+        self.t0 = time.monotonic()
+        self.json_path = json_path
+        self.txt_path = txt_path
+        if txt_path is not None:
+            txt_path.parent.mkdir(parents=True, exist_ok=True)
+            txt_path.write_text("")
+
+    def __call__(self, text: str = "") -> None:
+        print(text, flush=True)
+        self.lines.extend(text.split("\n"))
+        if self.txt_path is not None:  # written as it goes: a run killed at a time limit leaves its lines
+            with self.txt_path.open("a") as f:
+                f.write(text + "\n")
+
+    def progress(self, text: str) -> None:
+        """A progress line, stamped with the seconds since the start."""
+        self(f"[{time.monotonic() - self.t0:5.0f} s] {text}")
+
+    def save(self, result: dict[str, Any], complete: bool) -> None:
+        if self.json_path is None or self.txt_path is None:
+            return
+        self.json_path.parent.mkdir(parents=True, exist_ok=True)
+        self.json_path.write_text(json.dumps(dict(result, complete=complete), indent=2) + "\n")
+        self.txt_path.write_text("\n".join(self.lines) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# model repository
+
+
+def model_parameters(model: str, compile_mode: str, compile_batch_sizes: str) -> dict[str, str]:
+    """The config ``parameters`` of each served model (the PyTorch backend's names)."""
+    if model == FP32:
+        return {"precision": "fp32", "compile": "off"}
+    if model == FP16:
+        return {"precision": "fp16", "compile": "off"}
+    if model in (COMPILED, COMPILED_U8):
+        params = {"precision": "fp16", "compile": compile_mode}
+        if compile_mode != "off" and compile_batch_sizes:
+            params["compile_batch_sizes"] = compile_batch_sizes
+        return params
+    raise ValueError(f"unknown model {model!r}; known: {', '.join(MODELS)}")
+
+
+def config_text(
+    name: str,
+    parameters: dict[str, str],
+    image: int = 224,
+    max_batch_size: int = 64,
+    delay_us: int = 1000,
+    device: str = "gpu",
+    gpu: int = 0,
+    input_type: str = "TYPE_FP32",
+) -> str:
+    """Triton ``config.pbtxt`` text for one ResNet-50 copy."""
+    if device == "gpu":
+        group = f"instance_group [ {{ kind: KIND_GPU count: 1 gpus: [ {gpu} ] }} ]"
+    else:
+        group = "instance_group [ { kind: KIND_CPU count: 1 } ]"
+    params = "\n".join(f'parameters {{ key: "{k}" value {{ string_value: "{v}" }} }}' for k, v in parameters.items())
+    return f"""name: "{name}"
+backend: "pytorch"
+max_batch_size: {max_batch_size}
+input [ {{ name: "{INPUT}" data_type: {input_type} dims: [ 3, {image}, {image} ] }} ]
+output [ {{ name: "{OUTPUT}" data_type: TYPE_FP32 dims: [ {NUM_CLASSES} ] }} ]
+dynamic_batching {{ max_queue_delay_microseconds: {delay_us} }}
+{group}
+{params}
+"""
+
+
+def write_repository(
+    root: Path,
+    models: tuple[str, ...] | list[str] = MODELS,
+    image: int = 224,
+    max_batch_size: int = 64,
+    delay_us: int = 1000,
+    device: str = "gpu",
+    compile_mode: str = "reduce-overhead",
+    compile_batch_sizes: str = "1,2,4,8,16,32,64",
+    seed: int = 0,
+) -> Path:
+    """``root/<model>/{config.pbtxt, 1/model.py, 1/model.safetensors}`` for each model; the weights
+    file (~100 MB, the same for all: ResNet-50 under ``torch.manual_seed(seed)``) is written once
+    and hard-linked (copied where links fail). Returns the weights file."""
+    from safetensors.torch import save_file
+
+    from load_tests.resnet50_torch import random_state_dict
+
+    root.mkdir(parents=True, exist_ok=True)
+    source = RESNET_SOURCE.read_text()
+    weights: Path | None = None
+    for name in models:
+        version = root / name / "1"
+        version.mkdir(parents=True, exist_ok=True)
+        u8 = name == COMPILED_U8
+        (version / "model.py").write_text(source + (U8_WRAPPER if u8 else ""))
+        params = model_parameters(name, compile_mode, compile_batch_sizes)
+        text = config_text(
+            name, params, image, max_batch_size, delay_us, device, input_type="TYPE_UINT8" if u8 else "TYPE_FP32"
+        )
+        (root / name / "config.pbtxt").write_text(text)
+        target = version / "model.safetensors"
+        target.unlink(missing_ok=True)
+        if weights is None:
+            save_file(random_state_dict(seed), str(target), metadata={"seed": str(seed), "arch": "resnet50"})
+            weights = target
+        else:
+            try:
+                os.link(weights, target)
+            except OSError:
+                shutil.copyfile(weights, target)
+    if weights is None:
+        raise ValueError("no model to write")
+    return weights
+
+
+# ---------------------------------------------------------------------------------------------
+# server control (HTTP)
+
+
+def http(method: str, url: str, timeout: float) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, data=b"" if method == "POST" else None, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def load_model(server: Server, model: str, timeout: float, say: Output) -> float:
+    """POST .../load (it answers once the model is ready); meanwhile echo the compile progress the
+    server logs and a line every 30 s. Seconds it took. BenchError on failure."""
+    outcome: dict[str, Any] = {}
+
+    def post() -> None:
+        try:
+            outcome["status"], outcome["body"] = http(
+                "POST", f"{server.http_url}/v2/repository/models/{model}/load", timeout + 30
+            )
+        except Exception as exc:  # connection reset, timeout
+            outcome["error"] = f"{type(exc).__name__}: {exc}"
+
+    say.progress(f"loading {model} ...")
+    offset = server.log.stat().st_size if server.log.exists() else 0
+    t0 = time.monotonic()
+    thread = threading.Thread(target=post, name=f"load-{model}", daemon=True)
+    thread.start()
+    next_note = t0 + 30
+    while thread.is_alive():
+        thread.join(0.5)
+        offset = _echo_progress(server.log, offset, say)
+        if server.proc.poll() is not None:
+            raise BenchError(f"the server exited while loading {model}; its log ends with:\n{log_tail(server.log)}")
+        if time.monotonic() >= next_note:
+            say.progress(f"  ... {model} still loading, {time.monotonic() - t0:.0f} s")
+            next_note += 30
+    _echo_progress(server.log, offset, say)
+    took = time.monotonic() - t0
+    if "error" in outcome or outcome.get("status") != 200:
+        why = (
+            outcome.get("error") or f"HTTP {outcome.get('status')}: {outcome.get('body', b'').decode(errors='replace')}"
+        )
+        raise BenchError(f"loading {model} failed after {took:.0f} s: {why}\nserver log:\n{log_tail(server.log)}")
+    status, _ = http("GET", f"{server.http_url}/v2/models/{model}/ready", 10)
+    if status != 200:
+        raise BenchError(f"{model} loaded but /ready answers {status}")
+    say.progress(f"loading {model} ... ready in {took:.1f} s")
+    return took
+
+
+def _echo_progress(log: Path, offset: int, say: Output) -> int:
+    """Print the server log's new 'compiled for batch size' lines; the new offset."""
+    try:
+        with log.open("rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except OSError:
+        return offset
+    end = data.rfind(b"\n") + 1  # whole lines only
+    for line in data[:end].decode(errors="replace").splitlines():
+        if "compiled for batch size" in line or ("precision" in line and "compile" in line):
+            at = line.find("model '")
+            say.progress("  server: " + (line[at:] if at >= 0 else line).strip())
+    return offset + end
+
+
+def unload_model(server: Server, model: str, timeout: float) -> float:
+    t0 = time.monotonic()
+    status, body = http("POST", f"{server.http_url}/v2/repository/models/{model}/unload", timeout)
+    if status != 200:
+        raise BenchError(f"unloading {model}: HTTP {status} {body.decode(errors='replace')}")
+    return time.monotonic() - t0
+
+
+def model_stats(server: Server, model: str) -> dict[str, Any]:
+    """Counters from GET /v2/models/{m}/stats, all versions summed."""
+    status, body = http("GET", f"{server.http_url}/v2/models/{model}/stats", 10)
+    if status != 200:
+        raise BenchError(f"stats of {model}: HTTP {status} {body.decode(errors='replace')}")
+    out: dict[str, Any] = {"inference_count": 0, "execution_count": 0, "queue_ns": 0, "queue_count": 0}
+    batches: dict[int, int] = {}
+    for s in json.loads(body).get("model_stats", []):
+        out["inference_count"] += int(s.get("inference_count", 0))
+        out["execution_count"] += int(s.get("execution_count", 0))
+        queue = (s.get("inference_stats") or {}).get("queue") or {}
+        out["queue_ns"] += int(queue.get("ns", 0))
+        out["queue_count"] += int(queue.get("count", 0))
+        for b in s.get("batch_stats", []):
+            size = int(b["batch_size"])
+            batches[size] = batches.get(size, 0) + int((b.get("compute_infer") or {}).get("count", 0))
+    out["batch_executions"] = batches
+    return out
+
+
+def stats_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """after - before; avg_batch = sum(batch_size x count) / executions (= inferences / executions)."""
+    delta: dict[str, Any] = {k: after[k] - before[k] for k in after if k != "batch_executions"}
+    hist = {
+        size: n - before["batch_executions"].get(size, 0)
+        for size, n in sorted(after["batch_executions"].items())
+        if n - before["batch_executions"].get(size, 0)
+    }
+    delta["batch_executions"] = {str(k): v for k, v in hist.items()}
+    executions = sum(hist.values()) or delta["execution_count"]
+    rows = sum(k * v for k, v in hist.items()) or delta["inference_count"]
+    delta["avg_batch"] = rows / executions if executions else None
+    delta["queue_ms_per_request"] = delta["queue_ns"] / delta["queue_count"] / 1e6 if delta["queue_count"] else None
+    return delta
+
+
+def measure(
+    server: Server, model: str, concurrency: int, args: argparse.Namespace, request_batch: int = 1
+) -> dict[str, Any]:
+    """One loadgen run (gRPC, ``request_batch`` images per request) with the stats delta around it as
+    ``server_stats``."""
+    cfg = LoadConfig(
+        url=server.grpc_url,
+        protocol="grpc",
+        model=model,
+        concurrency=concurrency,
+        duration=args.duration,
+        warmup=args.warmup,
+        batch=request_batch,
+        request_timeout=args.request_timeout,
+    )
+    before = model_stats(server, model)
+    try:
+        report = run_load(cfg)
+    except LoadgenError as exc:
+        raise BenchError(f"loadgen could not run on {model}: {exc}") from None
+    report["server_stats"] = stats_delta(before, model_stats(server, model))
+    if report["requests"] == 0:
+        raise BenchError(f"no request to {model} succeeded at c={concurrency}: {report['error_samples']}")
+    return report
+
+
+def gpu_memory_used() -> str | None:
+    """nvidia-smi's memory.used of GPU 0, or None without nvidia-smi."""
+    try:
+        proc = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader", "-i", "0"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return proc.stdout.strip() or None
+
+
+# ---------------------------------------------------------------------------------------------
+# environment
+
+
+def nvidia_smi() -> dict[str, str] | None:
+    try:
+        proc = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    first = proc.stdout.strip().splitlines()[:1]
+    if proc.returncode != 0 or not first:
+        return None
+    parts = [p.strip() for p in first[0].split(",")]
+    return dict(zip(("name", "driver", "memory_total"), parts))
+
+
+TORCH_PROBE = """
+import json, torch
+info = {"torch": torch.__version__, "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available()}
+if torch.cuda.is_available():
+    info["gpu"] = torch.cuda.get_device_name(0)
+    info["capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
+    info["cudnn"] = torch.backends.cudnn.version()
+print(json.dumps(info))
+"""
+
+
+def torch_info() -> dict[str, Any]:
+    """torch version and GPU name, from a subprocess (this process keeps no CUDA context)."""
+    proc = subprocess.run([sys.executable, "-c", TORCH_PROBE], capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise BenchError(f"cannot import torch: {proc.stderr[-2000:]}")
+    info: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    try:
+        import grpc
+
+        info["grpcio"] = grpc.__version__
+    except ImportError:
+        pass
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+# in-process ceiling (runs in a subprocess: python -m load_tests.bench_pytorch_gpu --ceiling-worker SPEC)
+
+
+def ceiling_worker(spec_path: Path) -> int:
+    spec = json.loads(spec_path.read_text())
+    rows = in_process_ceiling(spec, lambda text: print(text, flush=True))
+    Path(spec["out"]).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+def in_process_ceiling(spec: dict[str, Any], say: Callable[[str], None]) -> list[dict[str, Any]]:
+    """images/s of the network in this process at batch ``spec['batch']``, per variant and mode."""
+    import gc
+
+    import torch
+
+    from load_tests.resnet50_torch import ResNet50
+
+    gpu = spec["device"] == "gpu"
+    device = torch.device("cuda", 0) if gpu else torch.device("cpu")
+    if not gpu:
+        torch.set_num_threads(spec.get("cpu_threads", 1))  # what a KIND_CPU instance gets by default
+    batch, image = spec["batch"], spec["image"]
+    if spec.get("weights"):
+        from safetensors.torch import load_file
+
+        state = load_file(spec["weights"])
+    else:
+        from load_tests.resnet50_torch import random_state_dict
+
+        state = random_state_dict(spec.get("seed", 0))
+
+    def sync() -> None:
+        if gpu:
+            torch.cuda.synchronize(device)
+
+    x_np = np.random.default_rng(0).standard_normal((batch, 3, image, image)).astype(np.float32)
+    staging = torch.empty(x_np.shape, dtype=torch.float32, pin_memory=True) if gpu else None
+    rows: list[dict[str, Any]] = []
+    for variant, dtype, mode in (
+        ("fp32 eager", torch.float32, "off"),
+        ("fp16 eager", torch.float16, "off"),
+        ("fp16 compiled", torch.float16, spec["compile_mode"]),
+    ):
+        net = ResNet50()
+        net.load_state_dict(state)
+        net = net.eval().to(device).to(dtype)
+        fn: Callable[[torch.Tensor], torch.Tensor] = net
+        if mode != "off":
+            fn = torch.compile(net, mode=None if mode == "default" else mode, dynamic=False)
+        modes = ceiling_modes(fn, dtype, x_np, device, staging)
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            for _ in range(3):
+                modes[1][1]()  # with transfers
+            sync()
+            first_s = time.perf_counter() - t0
+            say(
+                f"  ceiling {variant} (batch {batch}, {image}x{image}): warm-up {first_s:.1f} s"
+                + (f" (torch.compile mode {mode})" if mode != "off" else "")
+            )
+            for what, call in modes:
+                row = time_calls(call, sync, batch, spec["seconds"], spec["repeats"])
+                row.update({"variant": variant, "mode": what, "batch": batch, "compile": mode})
+                rows.append(row)
+                say(
+                    f"  ceiling {variant:<13} {what:<19} {row['images_per_s']:9.1f} images/s  "
+                    f"{row['ms_per_batch']:8.2f} ms/batch (median of {row['repeats']} x {row['calls_per_repeat']})"
+                )
+        del fn, net, modes
+        gc.collect()
+        if gpu:
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
+    return rows
+
+
+def ceiling_modes(
+    fn: Callable[..., Any], dtype: Any, x_np: np.ndarray, device: Any, staging: Any
+) -> list[tuple[str, Callable[[], Any]]]:
+    """The ways one batch is timed: (name, call). ``staging``: a page-locked FP32 buffer (GPU only)."""
+    import torch
+
+    gpu = device.type == "cuda"
+    x_dev = torch.from_numpy(x_np).to(device).to(dtype)
+
+    def compute_only() -> None:
+        fn(x_dev)
+
+    def with_transfers() -> np.ndarray:
+        x = torch.from_numpy(x_np).to(device, non_blocking=gpu).to(dtype)  # copy FP32, cast on the device
+        return fn(x).float().cpu().numpy()
+
+    host = torch.empty(x_np.shape, dtype=torch.from_numpy(x_np).dtype, pin_memory=gpu)
+
+    def as_backend() -> np.ndarray:
+        host.copy_(torch.from_numpy(x_np))  # PyTorchBackend: page-locked copy, async transfer, cast on the GPU
+        out = fn(host.to(device, non_blocking=gpu).to(dtype)).detach().cpu().numpy()
+        return out.astype(np.float32) if out.dtype != np.float32 else out
+
+    host_cast = torch.empty(x_np.shape, dtype=dtype, pin_memory=gpu)
+
+    def host_cast_pinned() -> np.ndarray:
+        host_cast.copy_(torch.from_numpy(x_np))  # cast while copying into a page-locked buffer: half the bytes
+        return fn(host_cast.to(device, non_blocking=gpu)).float().cpu().numpy()
+
+    def pinned() -> np.ndarray:
+        staging.copy_(torch.from_numpy(x_np))  # numpy -> page-locked buffer, then an async copy
+        x = staging.to(device, non_blocking=True).to(dtype)
+        return fn(x).float().cpu().numpy()
+
+    modes: list[tuple[str, Callable[[], Any]]] = [
+        ("compute only", compute_only),
+        ("with transfers", with_transfers),
+        ("as the backend does", as_backend),
+    ]
+    if gpu and staging is not None:
+        modes.append(("pinned transfers", pinned))
+    if gpu and dtype != torch.float32:
+        modes.append(("pinned, host cast", host_cast_pinned))
+    return modes
+
+
+def time_calls(
+    call: Callable[[], Any], sync: Callable[[], None], batch: int, seconds: float, repeats: int
+) -> dict[str, Any]:
+    """Median images/s over ``repeats`` timed repeats of N calls each (N sized to ~``seconds``), synchronized."""
+    call()
+    sync()
+    t0 = time.perf_counter()
+    call()
+    sync()
+    one = max(time.perf_counter() - t0, 1e-6)
+    n = max(1, min(1000, round(seconds / one)))
+    rates: list[float] = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            call()
+        sync()
+        rates.append(batch * n / (time.perf_counter() - t0))
+    med = statistics.median(rates)
+    return {
+        "images_per_s": med,
+        "ms_per_batch": batch / med * 1000.0,
+        "images_per_s_each": [round(r, 1) for r in rates],
+        "repeats": repeats,
+        "calls_per_repeat": n,
+    }
+
+
+def run_ceiling(spec: dict[str, Any], workdir: Path, say: Output) -> list[dict[str, Any]]:
+    """in_process_ceiling in a fresh process (own CUDA context, freed at exit), its lines echoed."""
+    out = workdir / "ceiling.json"
+    spec = dict(spec, out=str(out))
+    spec_path = workdir / "ceiling_spec.json"
+    spec_path.write_text(json.dumps(spec))
+    cmd = [sys.executable, "-m", "load_tests.bench_pytorch_gpu", "--ceiling-worker", str(spec_path)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    tail: list[str] = []
+    with subprocess.Popen(
+        cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            if line.startswith("  ceiling "):
+                say.progress(line.strip())
+            else:
+                tail = [*tail[-40:], line]
+    if proc.returncode != 0 or not out.exists():
+        raise BenchError(f"the in-process ceiling failed (status {proc.returncode}):\n" + "\n".join(tail))
+    rows: list[dict[str, Any]] = json.loads(out.read_text())
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+
+def summary_row(model: str, concurrency: int, rep: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "model": model,
+        "concurrency": concurrency,
+        "request_batch": rep["batch"],
+        "images_per_s": rep["throughput_rps"] * rep["batch"],
+        "p50_ms": rep["latency_ms"]["p50"],
+        "p99_ms": rep["latency_ms"]["p99"],
+        "avg_batch": rep["server_stats"]["avg_batch"],
+        "queue_ms_per_request": rep["server_stats"]["queue_ms_per_request"],
+        "errors": rep["errors"],
+    }
+
+
+def _num(v: float | None, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    head = (
+        f"{'model':<25} | {'conc':>4} | {'img/req':>7} | {'images/s':>9} | {'p50 ms':>8} | {'p99 ms':>8} | "
+        f"{'avg batch':>9}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['model']:<25} | {r['concurrency']:>4} | {r.get('request_batch', 1):>7} | "
+            f"{_num(r['images_per_s'], '9.1f')} | "
+            f"{_num(r['p50_ms'], '8.2f')} | {_num(r['p99_ms'], '8.2f')} | {_num(r['avg_batch'], '9.2f')}"
+            + (f"   errors {r['errors']}" if r["errors"] else "")
+        )
+    return "\n".join(lines)
+
+
+def format_ceiling(rows: list[dict[str, Any]]) -> str:
+    lines = []
+    for r in rows:
+        lines.append(
+            f"in-process {r['variant']:<13} b={r['batch']:<3} {r['mode']:<19} {r['images_per_s']:9.1f} images/s "
+            f"({r['ms_per_batch']:.2f} ms/batch)"
+        )
+    return "\n".join(lines)
+
+
+def ratios(rows: list[dict[str, Any]], ceiling: list[dict[str, Any]]) -> dict[str, Any]:
+    if not rows:
+        return {}
+    single = [r for r in rows if r.get("request_batch", 1) == 1]
+    hi = max(r["concurrency"] for r in single)
+    cell = {(r["model"], r["concurrency"]): r for r in single}
+    ips = {m: (cell[(m, hi)]["images_per_s"] if (m, hi) in cell else None) for m in MODELS}
+    ceil = {(c["variant"], c["mode"]): c["images_per_s"] for c in ceiling}
+    out: dict[str, Any] = {}
+
+    def add(key: str, what: str, value: float | None, target: float | None) -> None:
+        out[key] = {
+            "what": what,
+            "value": value,
+            "target": f">= {target}" if target is not None else "info",
+            "met": True if target is None else (value is not None and value >= target),
+        }
+
+    add(
+        "fp16_compiled_over_fp32",
+        f"served images/s {COMPILED} / {FP32} at c={hi}",
+        ratio(ips[COMPILED], ips[FP32]),
+        SPEEDUP_TARGET,
+    )
+    add("fp16_over_fp32", f"served images/s {FP16} / {FP32} at c={hi}", ratio(ips[FP16], ips[FP32]), None)
+    add(
+        "u8_over_fp32",
+        f"served images/s {COMPILED_U8} (UINT8 pixels) / {FP32} at c={hi}",
+        ratio(ips[COMPILED_U8], ips[FP32]),
+        None,
+    )
+    batched = {(r["model"], r["concurrency"]): r["images_per_s"] for r in rows if r.get("request_batch", 1) > 1}
+    for (model, conc), value in sorted(batched.items()):
+        if model != FP32 and (FP32, conc) in batched:
+            add(
+                f"batched_{model}_over_fp32_c{conc}",
+                f"served images/s {model} / {FP32}, c={conc} with several images per request",
+                ratio(value, batched[(FP32, conc)]),
+                None,
+            )
+    add(
+        "compiled_over_fp16",
+        f"served images/s {COMPILED} / {FP16} at c={hi}",
+        ratio(ips[COMPILED], ips[FP16]),
+        None,
+    )
+    if ceiling:
+        add(
+            "served_over_ceiling_transfers",
+            f"{COMPILED} served at c={hi} / in-process fp16 compiled with transfers",
+            ratio(ips[COMPILED], ceil.get(("fp16 compiled", "with transfers"))),
+            CEILING_TARGET,
+        )
+        add(
+            "served_over_ceiling_compute",
+            f"{COMPILED} served at c={hi} / in-process fp16 compiled compute only",
+            ratio(ips[COMPILED], ceil.get(("fp16 compiled", "compute only"))),
+            None,
+        )
+        add(
+            "served_over_ceiling_as_backend",
+            f"{COMPILED} served at c={hi} / in-process fp16 compiled, transfers as the backend does them",
+            ratio(ips[COMPILED], ceil.get(("fp16 compiled", "as the backend does"))),
+            None,
+        )
+        add(
+            "ceiling_compiled_over_fp32",
+            "in-process compute only: fp16 compiled / fp32 eager",
+            ratio(ceil.get(("fp16 compiled", "compute only")), ceil.get(("fp32 eager", "compute only"))),
+            None,
+        )
+    return out
+
+
+def report_text(result: dict[str, Any]) -> str:
+    env = result["environment"]
+    cfg = result["config"]
+    lines = [
+        "",
+        f"device: {env.get('gpu') or env.get('cpu') or '?'} | torch {env.get('torch')} (CUDA {env.get('cuda')}) | "
+        f"driver {env.get('driver') or '-'} | grpcio {env.get('grpcio', '?')} | python {env.get('python')}",
+        f"ResNet-50 {cfg['image']}x{cfg['image']}, max_batch_size {cfg['max_batch_size']}, "
+        f"max_queue_delay {cfg['delay_us']} us, compile {cfg['compile_mode']} "
+        f"(batch sizes {cfg['compile_batch_sizes']}), {cfg['duration_s']:g} s per point after "
+        f"{cfg['warmup_s']:g} s warm-up, gRPC, one image per request",
+        "",
+        format_table(result["summary"]),
+    ]
+    if result["ceiling"]:
+        lines += ["", format_ceiling(result["ceiling"])]
+    if result["load_seconds"]:
+        lines += ["", "load (until ready): " + ", ".join(f"{m} {s:.1f} s" for m, s in result["load_seconds"].items())]
+    lines.append("")
+    for r in result["ratios"].values():
+        value = "-" if r["value"] is None else f"{r['value']:.2f}"
+        verdict = "" if r["target"] == "info" else f" (target {r['target']}: {'met' if r['met'] else 'MISSED'})"
+        lines.append(f"{r['what']}: {value}{verdict}")
+    if cfg["device"] != "gpu" or cfg["quick"]:
+        lines.append("(the targets are for the GPU defaults; a CPU or --quick run only shows the bench works)")
+    lines.append(f"total {result['elapsed_s']:.0f} s")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+
+
+def report_progress(say: Output, rep: dict[str, Any]) -> None:
+    st = rep["server_stats"]
+    say.progress(
+        f"  {summary_line(rep)}\n"
+        f"      avg batch {_num(st['avg_batch'], '.2f')}  "
+        f"queue {_num(st['queue_ms_per_request'], '.2f')} ms/req  "
+        f"executions by batch size {st['batch_executions']}  "
+        f"client cpu {_num(rep.get('client_cpu_util'), '.2f')} cores"
+    )
+
+
+def bench(args: argparse.Namespace, workdir: Path, say: Output) -> dict[str, Any]:
+    t_start = time.monotonic()
+    env = torch_info()
+    smi = nvidia_smi()
+    info = machine_info()
+    env.update(python=info["python"], cpu=info.get("cpu"), cpu_count=info["cpu_count"])
+    if smi:
+        env["driver"] = smi["driver"]
+        env["gpu_memory_total"] = smi["memory_total"]
+        env.setdefault("gpu", smi["name"])
+    say(
+        f"GPU {env.get('gpu', '-')} (capability {env.get('capability', '-')}), driver {env.get('driver', '-')}, "
+        f"torch {env['torch']} (CUDA {env.get('cuda')}, cuDNN {env.get('cudnn', '-')}), grpcio {env.get('grpcio')}, "
+        f"python {env['python']}, {env['cpu_count']} CPUs"
+    )
+    if args.device == "gpu" and not env["cuda_available"]:
+        raise BenchError(f"--device gpu but torch {env['torch']} sees no CUDA device (use --device cpu)")
+
+    repo = args.repo or workdir / "repo"
+    t0 = time.monotonic()
+    weights = write_repository(
+        repo,
+        args.models,
+        image=args.image,
+        max_batch_size=args.max_batch_size,
+        delay_us=args.delay_us,
+        device=args.device,
+        compile_mode=args.compile_mode,
+        compile_batch_sizes=args.compile_batch_sizes,
+        seed=args.seed,
+    )
+    say.progress(f"wrote {len(args.models)} models to {repo} in {time.monotonic() - t0:.1f} s")
+
+    result: dict[str, Any] = {
+        "machine": info,
+        "environment": env,
+        "config": {
+            "device": args.device,
+            "quick": args.quick,
+            "models": list(args.models),
+            "image": args.image,
+            "max_batch_size": args.max_batch_size,
+            "delay_us": args.delay_us,
+            "compile_mode": args.compile_mode,
+            "compile_batch_sizes": args.compile_batch_sizes,
+            "concurrency": args.concurrency,
+            "duration_s": args.duration,
+            "warmup_s": args.warmup,
+            "protocol": "grpc",
+            "request_batch": 1,
+            "batched_points": {"request_batch": args.request_batch, "concurrency": args.batched_concurrency},
+            "ceiling_batch": args.ceiling_batch,
+            "seed": args.seed,
+        },
+        "load_seconds": {},
+        "runs": [],
+        "summary": [],
+        "ceiling": [],
+    }
+
+    def finish(complete: bool) -> dict[str, Any]:
+        result["ratios"] = ratios(result["summary"], result["ceiling"])
+        result["machine"]["loadavg_end"] = os.getloadavg()
+        result["elapsed_s"] = time.monotonic() - t_start
+        say.save(result, complete)
+        return result
+
+    if not args.ceiling_only:
+        grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
+        settings = workdir / "server.yaml"
+        settings.write_text(f"load_timeout_s: {args.load_timeout}\nlog_level: INFO\n")
+        cmd = [
+            *ours_command(repo, grpc_port, http_port, metrics_port),
+            "--model-control-mode",
+            "explicit",
+            "--host",
+            "127.0.0.1",
+            "--config",
+            str(settings),
+        ]
+        server = start_server(
+            "dl-inference serve", cmd, workdir / "server.log", f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}"
+        )
+        try:
+            took = wait_ready(server, args.ready_timeout, ())
+            say.progress(
+                f"server ready in {took:.1f} s (gRPC {server.grpc_url}, HTTP {server.http_url}, pid {server.proc.pid})"
+            )
+            for model in args.models:
+                result["load_seconds"][model] = load_model(server, model, args.load_timeout, say)
+                for conc in args.concurrency:
+                    rep = measure(server, model, conc, args)
+                    rep["model_name"] = model
+                    result["runs"].append(rep)
+                    result["summary"].append(summary_row(model, conc, rep))
+                    report_progress(say, rep)
+                if args.request_batch > 1:
+                    for conc in args.batched_concurrency:
+                        rep = measure(server, model, conc, args, request_batch=args.request_batch)
+                        rep["model_name"] = model
+                        result["runs"].append(rep)
+                        result["summary"].append(summary_row(model, conc, rep))
+                        report_progress(say, rep)
+                took = unload_model(server, model, args.load_timeout)
+                mem = gpu_memory_used() if args.device == "gpu" else None
+                say.progress(f"unloaded {model} in {took:.1f} s" + (f" (GPU memory used now {mem})" if mem else ""))
+                finish(complete=False)  # partial results on disk, in case the run is cut short
+        finally:
+            stop_server(server)
+    if args.ceiling:
+        say.progress(f"in-process ceiling at batch {args.ceiling_batch} (subprocess) ...")
+        spec = {
+            "device": args.device,
+            "batch": args.ceiling_batch,
+            "image": args.image,
+            "compile_mode": args.compile_mode,
+            "weights": str(weights),
+            "seconds": args.ceiling_seconds,
+            "repeats": args.ceiling_repeats,
+            "seed": args.seed,
+        }
+        result["ceiling"] = run_ceiling(spec, workdir, say)
+    return finish(complete=False)
+
+
+def _int_list(text: str) -> list[int]:
+    values = sorted({int(v) for v in text.split(",") if v.strip()})
+    if not values or values[0] < 1:
+        raise argparse.ArgumentTypeError(f"want a comma list of positive integers, got {text!r}")
+    return values
+
+
+def _models(text: str) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [n for n in names if n not in MODELS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"models are {', '.join(MODELS)}; got {text!r}")
+    return [m for m in MODELS if m in names]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m load_tests.bench_pytorch_gpu",
+        description="ResNet-50 fp32 / fp16 / fp16 compiled served by the PyTorch backend, and in-process ceilings",
+    )
+    p.add_argument("--device", choices=("gpu", "cpu"), default="gpu", help="KIND_GPU (default) or KIND_CPU")
+    p.add_argument("--quick", action="store_true", help="small and short (64x64, max batch 4, conc 1,4, 3 s)")
+    p.add_argument("--models", type=_models, default=list(MODELS), help=f"comma list (default {','.join(MODELS)})")
+    p.add_argument("--concurrency", type=_int_list, default=None, help="comma list (default 1,16,64; quick 1,4)")
+    p.add_argument("--duration", type=float, default=None, help="measured seconds per point (default 10; quick 3)")
+    p.add_argument("--warmup", type=float, default=None, help="warm-up seconds per point (default 3; quick 1)")
+    p.add_argument("--image", type=int, default=None, help="input height = width (default 224; quick 64)")
+    p.add_argument("--max-batch-size", type=int, default=None, help="default 64; quick 4")
+    p.add_argument("--delay-us", type=int, default=1000, help="max_queue_delay_microseconds (default 1000)")
+    p.add_argument(
+        "--request-batch",
+        type=int,
+        default=None,
+        help="images per request of the extra points run after each sweep (default 8; quick 1 = none)",
+    )
+    p.add_argument(
+        "--batched-concurrency", type=_int_list, default=[16], help="concurrency of those points (default 16)"
+    )
+    p.add_argument(
+        "--compile-mode",
+        choices=("off", "default", "reduce-overhead", "max-autotune"),
+        default=None,
+        help="resnet50_fp16_compiled's compile parameter (default reduce-overhead; cpu: default)",
+    )
+    p.add_argument(
+        "--compile-batch-sizes", default=None, help="its compile_batch_sizes (default 1,2,4,8,16,32,64; quick 4)"
+    )
+    p.add_argument("--ceiling-batch", type=int, default=None, help="in-process batch size (default max batch size)")
+    p.add_argument("--ceiling-seconds", type=float, default=None, help="seconds per timed repeat (default 0.5)")
+    p.add_argument("--ceiling-repeats", type=int, default=None, help="timed repeats, median taken (default 5)")
+    p.add_argument("--no-ceiling", dest="ceiling", action="store_false", help="skip the in-process ceiling")
+    p.add_argument("--ceiling-only", action="store_true", help="only the in-process ceiling (no server)")
+    p.add_argument("--repo", type=Path, default=None, help="write the model repository here (default a temp dir)")
+    p.add_argument("--load-timeout", type=float, default=900.0, help="seconds a model may take to load")
+    p.add_argument("--ready-timeout", type=float, default=120.0, help="seconds to wait for the server to start")
+    p.add_argument("--request-timeout", type=float, default=120.0, help="loadgen's per-request deadline, seconds")
+    p.add_argument("--seed", type=int, default=0, help="weights seed")
+    p.add_argument("--out-dir", type=Path, default=REPO_ROOT / "load_tests" / "results")
+    p.add_argument("--name", default=None, help="file stem (default bench_pytorch_gpu; cpu/quick runs differ)")
+    p.add_argument("--keep-logs", action="store_true", help="keep the temp dir with the server log (kept on errors)")
+    p.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    p.add_argument("--ceiling-worker", type=Path, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill what was not given from the GPU or the quick defaults."""
+    base = dict(QUICK_DEFAULTS if args.quick else GPU_DEFAULTS)
+    if args.device == "cpu":
+        base["compile_mode"] = "default"  # reduce-overhead is CUDA graphs
+    for key, value in base.items():
+        if getattr(args, key) is None:
+            setattr(args, key, _int_list(str(value)) if key == "concurrency" else value)
+    if args.ceiling_batch is None:
+        args.ceiling_batch = args.max_batch_size
+    args.request_batch = min(args.request_batch, args.max_batch_size)
+    if args.name is None:
+        args.name = "bench_pytorch_" + ("cpu" if args.device == "cpu" else "gpu") + ("_quick" if args.quick else "")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.ceiling_worker is not None:
+        return ceiling_worker(args.ceiling_worker)
+    args = resolve_defaults(args)
+    say = Output(args.out_dir / f"{args.name}.json", args.out_dir / f"{args.name}.txt")
+    workdir = Path(tempfile.mkdtemp(prefix="bench_pytorch_"))
+    keep = args.keep_logs
+    try:
+        with sigterm_as_interrupt():
+            result = bench(args, workdir, say)
+    except BenchError as exc:
+        print(f"bench_pytorch_gpu: {exc}", file=sys.stderr, flush=True)
+        say.lines.append(f"FAILED: {exc}")
+        if say.txt_path is not None:
+            say.txt_path.write_text("\n".join(say.lines) + "\n")
+        if (workdir / "server.log").exists():  # beside the results: a remote run's temp dir does not come back
+            shutil.copyfile(workdir / "server.log", args.out_dir / f"{args.name}.server.log")
+            print(f"bench_pytorch_gpu: server log copied to {args.out_dir / (args.name + '.server.log')}", flush=True)
+        keep = True
+        return 2
+    except KeyboardInterrupt:
+        print("bench_pytorch_gpu: interrupted; server stopped", file=sys.stderr, flush=True)
+        return 130
+    finally:
+        if keep:
+            print(f"bench_pytorch_gpu: server log and repository kept in {workdir}", file=sys.stderr, flush=True)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    say(report_text(result))
+    say.save(result, complete=True)
+    print(f"wrote {say.json_path} and {say.txt_path}", flush=True)
+    missed = [k for k, r in result["ratios"].items() if not r["met"]]
+    return 1 if args.check and missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
