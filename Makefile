@@ -6,8 +6,15 @@ REPO ?= examples/models
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
+# MLServer for load_tests/compare_mlserver.py lives in its own venv: its pins must not touch ours.
+# mlserver 1.7.1 supports Python 3.9-3.12; uvloop >= 0.22 crashes its parallel inference workers.
+MLSERVER_VENV ?= .venv-mlserver
+MLSERVER_PYTHON ?= $(PYTHON)
+MLSERVER_VERSION ?= 1.7.1
 
-.PHONY: install serve examples test test-unit test-integration lint proto proto-check bench clean bench-balancer
+.PHONY: install serve examples test test-unit test-integration lint proto proto-check bench clean bench-balancer perf \
+	mlserver-env bench-mlserver \
+	bench-pytorch-gpu
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,5 +61,31 @@ bench: install
 bench-balancer: install
 	$(PY) -m load_tests.bench_balancer --delay-ms 20 --concurrency 8 --rounds 3 --duration 8
 
+# perf_analyzer-style sweep against a running server (`make serve` in another shell), e.g.
+# make perf PERF_ARGS="--scenario image_bytes --url localhost:8001 --concurrency 1,4 --csv out.csv"
+PERF_ARGS ?= --scenario tiny_mlp --url localhost:$(GRPC_PORT)
+perf: install
+	$(PY) -m load_tests.perf $(PERF_ARGS)
+
+# ResNet-50 fp32 / fp16 / fp16 + torch.compile on the PyTorch backend, on GPU 0 (needs a CUDA torch);
+# on the GPU machine without the venv: `python3 -m load_tests.bench_pytorch_gpu` from the repo root.
+bench-pytorch-gpu: install
+	$(PY) -m load_tests.bench_pytorch_gpu
+
+# MLServer's venv; onnxruntime pinned to the version our venv has, so both servers run the same one.
+$(MLSERVER_VENV)/.installed: | $(VENV)/.installed
+	$(MLSERVER_PYTHON) -m venv $(MLSERVER_VENV)
+	$(MLSERVER_VENV)/bin/python -m pip install -q --upgrade pip
+	$(MLSERVER_VENV)/bin/python -m pip install -q 'mlserver==$(MLSERVER_VERSION)' 'uvloop<0.22' numpy \
+		"onnxruntime==$$($(PY) -c 'import onnxruntime; print(onnxruntime.__version__)')"
+	$(MLSERVER_VENV)/bin/python -m pip list 2>/dev/null | grep -iE '^(mlserver|onnxruntime|numpy|uvloop|grpcio) '
+	touch $@
+
+mlserver-env: $(MLSERVER_VENV)/.installed
+
+# dl-inference serve vs MLServer on the same models, same client (~10 min).
+bench-mlserver: install mlserver-env
+	$(PY) -m load_tests.compare_mlserver --mlserver-venv $(MLSERVER_VENV)
+
 clean:
-	rm -rf $(VENV) examples/models .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(MLSERVER_VENV) examples/models .pytest_cache .mypy_cache .ruff_cache

@@ -754,3 +754,25 @@ def test_render_malformed_response_is_internal_error() -> None:
     response.outputs.add(name="p", datatype="FP32", shape=[1])
     with pytest.raises(InternalError, match="2 outputs"):
         render_infer_response(response, OutputPolicy(binary_data_output=True))
+
+
+def test_fast_json_path_gives_the_same_values_as_json() -> None:
+    """orjson parses and writes the common case; json's rules still hold where the two differ."""
+    rng = np.random.default_rng(7)
+    values = (rng.standard_normal(5000) * 10.0 ** rng.integers(-30, 30, 5000)).astype(np.float32)
+    body = json.dumps({"inputs": [tensor("x", "FP32", [5000], values.tolist())]}).encode()
+    request, _ = parse(body)
+    np.testing.assert_array_equal(decode_inputs(request)["x"], values)  # bit for bit
+    response = build_response(
+        "m", "1", "", [("y", values), ("i", np.array([0, 2**64 - 1], np.uint64)), ("j", np.array([-(2**63)], np.int64))]
+    )
+    out, _ = render_infer_response(response, OutputPolicy())
+    doc = json.loads(out)
+    assert doc["outputs"][0]["data"] == values.tolist()
+    assert doc["outputs"][1]["data"] == [0, 2**64 - 1] and doc["outputs"][2]["data"] == [-(2**63)]
+    # A 65-bit integer would become a float in orjson: json's exact error is kept.
+    expect_error('{"parameters": {"p": 184467440737095516160}, "inputs": []}', "does not fit in 64 bits")
+    expect_error(
+        {"inputs": [tensor("x", "INT64", [1], [-92233720368547758080])]},
+        "out of range for INT64",
+    )
