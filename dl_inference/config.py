@@ -11,8 +11,10 @@ import yaml
 
 from dl_inference.balancer.settings import BalancerSettings, DnsSpec, NodeSpec, Topology
 from dl_inference.errors import InvalidArgument
+from dl_inference.security import AccessPolicy, TlsSettings
 
 CONTROL_MODES = ("none", "poll", "explicit")
+CONTROL_API = ("enabled", "disabled")
 
 
 @dataclass
@@ -36,6 +38,24 @@ class ServerSettings:
     node_file: str = ""
     node_dns: list[Any] = field(default_factory=list)  # "name:port" or {name, port, weight, models}
     balancer: dict[str, Any] = field(default_factory=dict)
+    # security (see dl_inference/security.py and the README)
+    auth: dict[str, Any] = field(default_factory=dict)  # tokens / tokens_file / admin_tokens / admin_tokens_file
+    tls: dict[str, Any] = field(default_factory=dict)  # cert / key / ca (ca: client certificates required)
+    control_api: str = "enabled"  # "disabled": no repository index/load/unload at all
+    control_port: int = 0  # > 0: the model-control API only on this HTTP port (bound to control_host)
+    control_host: str = "127.0.0.1"
+
+    def access_policy(self) -> AccessPolicy:
+        return AccessPolicy.from_mapping(self.auth)
+
+    def tls_settings(self) -> TlsSettings:
+        return TlsSettings.from_mapping(self.tls)
+
+    def control_placement(self) -> str:
+        """Where the model-control API is: "here" (main ports), "elsewhere" (control_port) or "disabled"."""
+        if self.control_api == "disabled":
+            return "disabled"
+        return "elsewhere" if self.control_port else "here"
 
     def balancer_settings(self) -> BalancerSettings:
         return BalancerSettings.from_mapping(self.balancer)
@@ -66,6 +86,12 @@ class ServerSettings:
             raise InvalidArgument("nodes and node_dns must be lists")
         self.balancer_settings()
         self.topology()
+        if self.control_api not in CONTROL_API:
+            raise InvalidArgument(f"control_api must be one of {', '.join(CONTROL_API)}, got '{self.control_api}'")
+        if not isinstance(self.auth, dict) or not isinstance(self.tls, dict):
+            raise InvalidArgument("auth and tls must be mappings of settings")
+        self.access_policy()
+        self.tls_settings()
 
 
 def load_settings(path: str | None, overrides: dict[str, Any]) -> ServerSettings:

@@ -23,6 +23,7 @@ class Code(enum.Enum):
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     FAILED_PRECONDITION = "FAILED_PRECONDITION"
     UNAUTHENTICATED = "UNAUTHENTICATED"
+    PERMISSION_DENIED = "PERMISSION_DENIED"  # appended: WIRE_CODE numbers follow this order
 
 
 HTTP_STATUS: dict[Code, int] = {
@@ -37,6 +38,7 @@ HTTP_STATUS: dict[Code, int] = {
     Code.DEADLINE_EXCEEDED: 504,
     Code.FAILED_PRECONDITION: 400,
     Code.UNAUTHENTICATED: 401,
+    Code.PERMISSION_DENIED: 403,
 }
 
 # Stable small integers for the worker<->gateway frame header (never renumber).

@@ -20,6 +20,15 @@ from dl_inference.dataplane import DataPlane
 from dl_inference.errors import ServerError
 from dl_inference.protocol.generated import grpc_service_pb2 as pb
 from dl_inference.protocol.wire import route_fields, stream_response
+from dl_inference.security import (
+    CONTROL_GRPC_METHODS,
+    AccessPolicy,
+    PermissionDenied,
+    Role,
+    TlsSettings,
+    grpc_role,
+    token_from_headers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -131,17 +140,78 @@ def build_handler(dp: DataPlane) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(SERVICE, handlers)
 
 
+def _rejecting(method: str, exc: ServerError) -> grpc.RpcMethodHandler:
+    status = _status(exc)
+
+    if method.endswith("/ModelStreamInfer") or method.endswith("/Watch"):
+
+        async def reject_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+            await context.abort(status, exc.message)
+            yield b""  # pragma: no cover - abort raises
+
+        if method.endswith("/Watch"):
+            return grpc.unary_stream_rpc_method_handler(reject_stream)
+        return grpc.stream_stream_rpc_method_handler(reject_stream)
+
+    async def reject(request: Any, context: grpc.aio.ServicerContext) -> bytes:
+        await context.abort(status, exc.message)
+        return b""  # pragma: no cover - abort raises
+
+    return grpc.unary_unary_rpc_method_handler(reject)
+
+
+class AccessInterceptor(grpc.aio.ServerInterceptor):
+    """Checks each call's token (metadata ``authorization: Bearer`` or ``x-api-key``) before the
+    handler runs, and keeps the model-control RPCs off this port when they are served elsewhere."""
+
+    def __init__(self, access: AccessPolicy, control: str) -> None:
+        self.access = access
+        self.control = control
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = details.method
+        try:
+            role = grpc_role(method)
+            if method in CONTROL_GRPC_METHODS and self.control in ("elsewhere", "disabled"):
+                where = "only on the HTTP control port (setting control_port)" if self.control == "elsewhere" else ""
+                raise PermissionDenied(
+                    f"the model-control API is not served on this port{': it is served ' + where if where else ''}"
+                )
+            if role != Role.OPEN and self.access.enabled:
+                md = {k: v for k, v in (details.invocation_metadata or ()) if isinstance(v, str)}
+                self.access.check(role, token_from_headers(md.get("authorization"), md.get("x-api-key")))
+        except ServerError as exc:
+            return _rejecting(method, exc)
+        return await continuation(details)
+
+
 class GrpcServer:
     """A grpc.aio server for one data plane, with health tracking the data plane's readiness."""
 
-    def __init__(self, dp: DataPlane, host: str, port: int, max_message_bytes: int) -> None:
+    def __init__(
+        self,
+        dp: DataPlane,
+        host: str,
+        port: int,
+        max_message_bytes: int,
+        access: AccessPolicy | None = None,
+        control: str = "here",
+        tls: TlsSettings | None = None,
+    ) -> None:
         self.dp = dp
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", -1),
             ("grpc.so_reuseport", 0),
         ]
-        self.server = grpc.aio.server(options=options)
+        interceptors = []
+        if (access is not None and access.enabled) or control != "here":
+            interceptors.append(AccessInterceptor(access or AccessPolicy(), control))
+        self.server = grpc.aio.server(options=options, interceptors=interceptors)
         self.server.add_generic_rpc_handlers((build_handler(dp),))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -151,7 +221,10 @@ class GrpcServer:
         )
         self.address = f"{host}:{port}"
         try:
-            self.port = self.server.add_insecure_port(self.address)
+            if tls is not None and tls.enabled:
+                self.port = self.server.add_secure_port(self.address, tls.grpc_credentials())
+            else:
+                self.port = self.server.add_insecure_port(self.address)
         except RuntimeError:
             raise OSError(f"cannot listen for gRPC on {self.address}: address in use or not available") from None
         self._watch: asyncio.Task[None] | None = None

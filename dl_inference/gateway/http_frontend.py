@@ -20,6 +20,7 @@ from dl_inference.protocol.datatypes import element_size
 from dl_inference.protocol.generated import grpc_service_pb2 as pb
 from dl_inference.protocol.http_codec import parse_infer_request, render_error, render_infer_response
 from dl_inference.protocol.jsonview import to_json
+from dl_inference.security import AccessPolicy, PermissionDenied, Role, http_role, token_from_headers
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,13 @@ def _json(data: Any, status: int = 200) -> web.Response:
 
 
 def _error(message: str, status: int) -> web.Response:
+    if status == 401:
+        return web.Response(
+            body=render_error(message),
+            status=status,
+            content_type="application/json",
+            headers={"WWW-Authenticate": 'Bearer realm="dl_inference"'},
+        )
     return web.Response(body=render_error(message), status=status, content_type="application/json")
 
 
@@ -40,20 +48,34 @@ def _flag(ok: bool) -> web.Response:
 
 
 class HttpFrontend:
-    def __init__(self, dp: DataPlane, max_request_bytes: int, max_json_depth: int = 64) -> None:
+    """``control``: where the model-control routes are — "here", "elsewhere" (its own port),
+    "disabled", or "only" (this app is that port: health and model control, nothing else)."""
+
+    def __init__(
+        self,
+        dp: DataPlane,
+        max_request_bytes: int,
+        max_json_depth: int = 64,
+        access: AccessPolicy | None = None,
+        control: str = "here",
+    ) -> None:
         self.dp = dp
         self.max_request_bytes = max_request_bytes
         self.max_json_depth = max_json_depth
-        self.app = web.Application(client_max_size=max_request_bytes, middlewares=[self._errors])
+        self.access = access or AccessPolicy()
+        self.control = control
+        self.app = web.Application(client_max_size=max_request_bytes, middlewares=[self._errors, self._auth])
         r = self.app.router
-        r.add_get("/v2", self.server_metadata)
         r.add_get("/v2/health/live", self.live)
         r.add_get("/v2/health/ready", self.ready)
-        r.add_get("/v2/models/stats", self.stats)
         r.add_post("/v2/repository/index", self.repository_index)
-        r.add_get("/v2/endpoints", self.endpoints)
         r.add_post("/v2/repository/models/{model}/load", self.load)
         r.add_post("/v2/repository/models/{model}/unload", self.unload)
+        if control == "only":
+            return
+        r.add_get("/v2", self.server_metadata)
+        r.add_get("/v2/models/stats", self.stats)
+        r.add_get("/v2/endpoints", self.endpoints)
         for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
             r.add_get(prefix, self.model_metadata)
             r.add_get(prefix + "/ready", self.model_ready)
@@ -85,6 +107,16 @@ class HttpFrontend:
         except Exception as exc:
             log.exception("unhandled error on %s %s", request.method, request.path)
             return _error(f"internal error: {exc}", 500)
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        role = http_role(request.path)
+        if role == Role.CONTROL and self.control in ("elsewhere", "disabled"):
+            where = "its own port (setting control_port)" if self.control == "elsewhere" else "nowhere"
+            raise PermissionDenied(f"the model-control API is not served on this port: it is served {where}")
+        token = token_from_headers(request.headers.get("Authorization"), request.headers.get("X-API-Key"))
+        self.access.check(role, token)
+        return await handler(request)
 
     @staticmethod
     def _mv(request: web.Request) -> tuple[str, str]:

@@ -12,16 +12,20 @@ from dl_inference.config import ServerSettings
 from dl_inference.gateway.http_frontend import HttpFrontend, metrics_app
 from dl_inference.gateway.router import GatewayDataPlane
 from dl_inference.grpc_frontend import GrpcServer
+from dl_inference.security import TlsSettings
 
 log = logging.getLogger(__name__)
 
 
-async def _serve_http(app: web.Application, host: str, port: int, what: str, grace: float) -> web.AppRunner:
+async def _serve_http(
+    app: web.Application, host: str, port: int, what: str, grace: float, tls: TlsSettings | None = None
+) -> web.AppRunner:
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True, shutdown_timeout=grace)
+    ssl_context = tls.ssl_context() if tls is not None and tls.enabled else None
+    site = web.TCPSite(runner, host, port, reuse_address=True, shutdown_timeout=grace, ssl_context=ssl_context)
     await site.start()
-    log.info("%s listening on %s:%d", what, host, port)
+    log.info("%s listening on %s:%d%s", what, host, port, " (TLS)" if ssl_context else "")
     return runner
 
 
@@ -32,11 +36,23 @@ async def serve(settings: ServerSettings) -> int:
         loop.add_signal_handler(sig, stop.set)
 
     dp = GatewayDataPlane(settings)
-    grpc_server = GrpcServer(dp, settings.host, settings.grpc_port, settings.max_request_bytes)
+    access, tls, control = settings.access_policy(), settings.tls_settings(), settings.control_placement()
+    grpc_server = GrpcServer(
+        dp, settings.host, settings.grpc_port, settings.max_request_bytes, access=access, control=control, tls=tls
+    )
     await grpc_server.start()
-    http = HttpFrontend(dp, settings.max_request_bytes, settings.max_json_depth)
+    http = HttpFrontend(dp, settings.max_request_bytes, settings.max_json_depth, access=access, control=control)
     grace = settings.stop_grace_s
-    runners = [await _serve_http(http.app, settings.host, settings.http_port, "HTTP", grace)]
+    runners = [await _serve_http(http.app, settings.host, settings.http_port, "HTTP", grace, tls)]
+    if control == "elsewhere":
+        ctl = HttpFrontend(dp, settings.max_request_bytes, settings.max_json_depth, access=access, control="only")
+        runners.append(
+            await _serve_http(ctl.app, settings.control_host, settings.control_port, "model control", grace, tls)
+        )
+    if access.enabled:
+        log.info(
+            "authentication on: %d inference token(s), %d admin token(s)", len(access.inference), len(access.admin)
+        )
     if settings.metrics_port:
         runners.append(await _serve_http(metrics_app(dp), settings.host, settings.metrics_port, "metrics", grace))
     # Listeners come up first so liveness answers while models load; readiness waits for them.

@@ -1,0 +1,205 @@
+"""Tokens, the model-control switch and TLS/mTLS on the real server, with stock tritonclient and urllib."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from tests.integration.server import RunningServer, free_port, run_server
+
+INFER = "inference-token-0123456789"
+ADMIN = "admin-token-0123456789abcd"
+
+
+def _repo(example_repo: Path, root: Path) -> Path:
+    repo = root / "repo"
+    repo.mkdir()
+    shutil.copytree(example_repo / "simple", repo / "simple")
+    return repo
+
+
+def _simple_input(module: object) -> object:
+    x = module.InferInput("x", [1, 16], "FP32")  # type: ignore[attr-defined]
+    x.set_data_from_numpy(np.ones((1, 16), dtype=np.float32))
+    return x
+
+
+def _http(url: str, method: str = "GET", token: str | None = None, ctx: ssl.SSLContext | None = None) -> int:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    req = urllib.request.Request(url, data=b"" if method == "POST" else None, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=10, context=ctx) as r:
+            return r.status
+    except urllib.error.HTTPError as exc:
+        if exc.code == 401:
+            assert exc.headers["WWW-Authenticate"] == 'Bearer realm="dl_inference"'
+            assert "error" in json.loads(exc.read())
+        return exc.code
+
+
+@pytest.fixture(scope="module")
+def token_server(example_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    root = tmp_path_factory.mktemp("tokens")
+    (root / "tokens").write_text(f"# clients\n{INFER}\n")
+    control_port = free_port()
+    (root / "server.yaml").write_text(
+        f"auth: {{tokens_file: {root / 'tokens'}, admin_tokens: [{ADMIN}]}}\n"
+        f"control_port: {control_port}\nmodel_control_mode: explicit\nload_models: [simple]\n"
+    )
+    with run_server(_repo(example_repo, root), root / "server.log", "--config", str(root / "server.yaml")) as srv:
+        srv.control_port = control_port  # type: ignore[attr-defined]
+        yield srv
+
+
+def test_grpc_needs_a_token(token_server: RunningServer) -> None:
+    client = grpcclient.InferenceServerClient(token_server.grpc_url)
+    assert client.is_server_ready() and client.is_model_ready("simple")  # probes stay open
+    with pytest.raises(InferenceServerException) as err:
+        client.infer("simple", [_simple_input(grpcclient)])
+    assert err.value.status() == "StatusCode.UNAUTHENTICATED"
+    assert "authentication required" in err.value.message()
+    with pytest.raises(InferenceServerException, match="invalid token"):
+        client.get_model_metadata("simple", headers={"authorization": "Bearer not-the-right-token-123"})
+    out = client.infer("simple", [_simple_input(grpcclient)], headers={"authorization": f"Bearer {INFER}"})
+    assert out.as_numpy("y").shape == (1, 4)
+    out = client.infer("simple", [_simple_input(grpcclient)], headers={"x-api-key": ADMIN})
+    assert out.as_numpy("y").shape == (1, 4)
+
+
+def test_http_needs_a_token(token_server: RunningServer) -> None:
+    base = f"http://{token_server.http_url}"
+    assert _http(f"{base}/v2/health/ready") == 200
+    assert _http(f"{base}/v2/models/simple/ready") == 200
+    assert _http(f"{base}/v2/models/simple") == 401
+    assert _http(f"{base}/v2/models/simple", token="wrong-token-0123456789") == 401
+    assert _http(f"{base}/v2/models/simple", token=INFER) == 200
+    client = httpclient.InferenceServerClient(token_server.http_url)
+    with pytest.raises(InferenceServerException, match="authentication required"):
+        client.infer("simple", [_simple_input(httpclient)])
+    out = client.infer("simple", [_simple_input(httpclient)], headers={"Authorization": f"Bearer {INFER}"})
+    assert out.as_numpy("y").shape == (1, 4)
+
+
+def test_model_control_only_on_its_port_and_only_for_admins(token_server: RunningServer) -> None:
+    base = f"http://{token_server.http_url}"
+    control = f"http://127.0.0.1:{token_server.control_port}"  # type: ignore[attr-defined]
+    # Not on the main ports, whatever the token.
+    assert _http(f"{base}/v2/repository/models/simple/unload", "POST", ADMIN) == 403
+    with pytest.raises(InferenceServerException) as err:
+        grpcclient.InferenceServerClient(token_server.grpc_url).unload_model(
+            "simple", headers={"authorization": f"Bearer {ADMIN}"}
+        )
+    assert err.value.status() == "StatusCode.PERMISSION_DENIED"
+    # On the control port: admins only.
+    assert _http(f"{control}/v2/repository/index", "POST") == 401
+    assert _http(f"{control}/v2/repository/index", "POST", INFER) == 403
+    assert _http(f"{control}/v2/repository/index", "POST", ADMIN) == 200
+    assert _http(f"{control}/v2/models/simple", token=ADMIN) == 404  # inference is not served there
+    assert _http(f"{control}/v2/repository/models/simple/unload", "POST", ADMIN) == 200
+    assert _http(f"{base}/v2/models/simple/ready") == 400
+    assert _http(f"{control}/v2/repository/models/simple/load", "POST", ADMIN) == 200
+    assert _http(f"{base}/v2/models/simple/ready") == 200
+
+
+def test_control_api_disabled(example_repo: Path, tmp_path: Path) -> None:
+    (tmp_path / "server.yaml").write_text("control_api: disabled\n")
+    with run_server(_repo(example_repo, tmp_path), tmp_path / "log", "--config", str(tmp_path / "server.yaml")) as srv:
+        assert _http(f"http://{srv.http_url}/v2/repository/index", "POST") == 403
+        assert _http(f"http://{srv.http_url}/v2/models/simple") == 200  # no tokens configured: open
+        with pytest.raises(InferenceServerException, match="not served on this port"):
+            grpcclient.InferenceServerClient(srv.grpc_url).get_model_repository_index()
+
+
+# --- TLS ---------------------------------------------------------------------------------------
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def _make_pki(d: Path) -> None:
+    """A CA, a server certificate for localhost/127.0.0.1 and a client certificate, all signed by it."""
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=test-ca", cwd=d)
+    (d / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    for name in ("server", "client"):
+        _openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
+        _openssl(
+            "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{name}.pem", "-days", "2", "-extfile", "san.ext", cwd=d,
+        )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tls_server(example_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningServer, Path]]:
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make test certificates")
+    d = tmp_path_factory.mktemp("pki")
+    _make_pki(d)
+    (d / "server.yaml").write_text(f"tls: {{cert: {d / 'server.pem'}, key: {d / 'server.key'}, ca: {d / 'ca.pem'}}}\n")
+    with run_server(_repo(example_repo, d), d / "server.log", "--config", str(d / "server.yaml"), wait=False) as srv:
+        ctx = _client_context(d, with_cert=True)
+        deadline = time.monotonic() + 60
+        while _try(f"https://localhost:{srv.http_port}/v2/health/ready", ctx) != 200:
+            assert srv.process.poll() is None, srv.log()
+            assert time.monotonic() < deadline, srv.log()
+            time.sleep(0.3)
+        yield srv, d
+
+
+def _client_context(d: Path, with_cert: bool) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(d / "ca.pem"))
+    if with_cert:
+        ctx.load_cert_chain(str(d / "client.pem"), str(d / "client.key"))
+    return ctx
+
+
+def _try(url: str, ctx: ssl.SSLContext) -> int | None:
+    try:
+        return _http(url, ctx=ctx)
+    except (urllib.error.URLError, ConnectionError, ssl.SSLError):
+        return None
+
+
+def test_https_with_client_certificates(tls_server: tuple[RunningServer, Path]) -> None:
+    srv, d = tls_server
+    url = f"https://localhost:{srv.http_port}/v2/models/simple"
+    assert _http(url, ctx=_client_context(d, with_cert=True)) == 200
+    with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):  # no client certificate
+        _http(url, ctx=_client_context(d, with_cert=False))
+    with pytest.raises((urllib.error.URLError, ConnectionError)):  # plain HTTP to the TLS port
+        urllib.request.urlopen(f"http://localhost:{srv.http_port}/v2/health/live", timeout=5).read()
+
+
+def test_grpc_mutual_tls_with_tritonclient(tls_server: tuple[RunningServer, Path]) -> None:
+    srv, d = tls_server
+    client = grpcclient.InferenceServerClient(
+        f"localhost:{srv.grpc_port}",
+        ssl=True,
+        root_certificates=str(d / "ca.pem"),
+        private_key=str(d / "client.key"),
+        certificate_chain=str(d / "client.pem"),
+    )
+    assert client.infer("simple", [_simple_input(grpcclient)]).as_numpy("y").shape == (1, 4)
+    no_cert = grpcclient.InferenceServerClient(
+        f"localhost:{srv.grpc_port}", ssl=True, root_certificates=str(d / "ca.pem")
+    )
+    with pytest.raises(InferenceServerException) as err:
+        no_cert.is_server_live(client_timeout=5)
+    assert "UNAVAILABLE" in err.value.status()
+    plain = grpcclient.InferenceServerClient(f"localhost:{srv.grpc_port}")
+    with pytest.raises(InferenceServerException):
+        plain.is_server_live(client_timeout=5)
