@@ -11,7 +11,7 @@ import yaml
 
 from dl_inference.balancer.settings import BalancerSettings, DnsSpec, NodeSpec, Topology
 from dl_inference.errors import InvalidArgument
-from dl_inference.security import AccessPolicy, TlsSettings
+from dl_inference.security import AccessPolicy, RateLimiter, TlsSettings
 
 CONTROL_MODES = ("none", "poll", "explicit")
 CONTROL_API = ("enabled", "disabled")
@@ -30,6 +30,10 @@ class ServerSettings:
     # Largest request accepted on either transport; the default fits a 64 MiB tensor plus headers.
     max_request_bytes: int = 96 * 1024 * 1024
     max_json_depth: int = 64
+    max_tensor_elements: int = 0  # per input tensor; 0: bounded only by max_request_bytes
+    max_bytes_element: int = 0  # largest BYTES element in bytes; 0: bounded only by max_request_bytes
+    # per-client request rate (clients keyed by token, else address): {requests_per_s, burst}; empty: off
+    rate_limit: dict[str, Any] = field(default_factory=dict)
     load_timeout_s: float = 600.0
     stop_grace_s: float = 10.0
     log_level: str = "INFO"
@@ -44,6 +48,9 @@ class ServerSettings:
     control_api: str = "enabled"  # "disabled": no repository index/load/unload at all
     control_port: int = 0  # > 0: the model-control API only on this HTTP port (bound to control_host)
     control_host: str = "127.0.0.1"
+
+    def rate_limiter(self) -> RateLimiter | None:
+        return RateLimiter.from_mapping(self.rate_limit)
 
     def access_policy(self) -> AccessPolicy:
         return AccessPolicy.from_mapping(self.auth)
@@ -78,6 +85,9 @@ class ServerSettings:
             )
         if self.max_request_bytes <= 0:
             raise InvalidArgument("max_request_bytes must be positive")
+        if self.max_tensor_elements < 0 or self.max_bytes_element < 0:
+            raise InvalidArgument("max_tensor_elements and max_bytes_element must be >= 0 (0: no separate limit)")
+        self.rate_limiter()
         if self.repository_poll_secs <= 0:
             raise InvalidArgument("repository_poll_secs must be positive")
         if not isinstance(self.balancer, dict):

@@ -24,8 +24,10 @@ from dl_inference.security import (
     CONTROL_GRPC_METHODS,
     AccessPolicy,
     PermissionDenied,
+    RateLimiter,
     Role,
     TlsSettings,
+    client_key,
     grpc_role,
     token_from_headers,
 )
@@ -61,7 +63,13 @@ def _unimplemented(name: str) -> grpc.RpcMethodHandler:
     return grpc.unary_unary_rpc_method_handler(handler)
 
 
-def build_handler(dp: DataPlane) -> grpc.GenericRpcHandler:
+def _limit(limiter: RateLimiter | None, ctx: grpc.aio.ServicerContext) -> None:
+    if limiter is not None:
+        md = {k: v for k, v in (ctx.invocation_metadata() or ()) if isinstance(v, str)}
+        limiter.check(client_key(token_from_headers(md.get("authorization"), md.get("x-api-key")), ctx.peer()))
+
+
+def build_handler(dp: DataPlane, limiter: RateLimiter | None = None) -> grpc.GenericRpcHandler:
     async def server_live(req: pb.ServerLiveRequest, ctx: Any) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=dp.live())
 
@@ -84,6 +92,7 @@ def build_handler(dp: DataPlane) -> grpc.GenericRpcHandler:
         return dp.model_statistics(req.name, req.version)
 
     async def model_infer(payload: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
+        _limit(limiter, ctx)
         name, version = route_fields(payload)
         remaining = ctx.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
@@ -106,6 +115,7 @@ def build_handler(dp: DataPlane) -> grpc.GenericRpcHandler:
     async def stream_infer(requests: AsyncIterator[bytes], ctx: Any) -> AsyncIterator[bytes]:
         async for payload in requests:
             try:
+                _limit(limiter, ctx)
                 name, version = route_fields(payload)
                 body = await dp.infer(payload, name, version)
                 yield stream_response(body, "")
@@ -201,6 +211,7 @@ class GrpcServer:
         access: AccessPolicy | None = None,
         control: str = "here",
         tls: TlsSettings | None = None,
+        rate_limiter: RateLimiter | None = None,
     ) -> None:
         self.dp = dp
         options = [
@@ -212,7 +223,7 @@ class GrpcServer:
         if (access is not None and access.enabled) or control != "here":
             interceptors.append(AccessInterceptor(access or AccessPolicy(), control))
         self.server = grpc.aio.server(options=options, interceptors=interceptors)
-        self.server.add_generic_rpc_handlers((build_handler(dp),))
+        self.server.add_generic_rpc_handlers((build_handler(dp, rate_limiter),))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

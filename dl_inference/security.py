@@ -35,6 +35,7 @@ __all__ = [
     "CONTROL_GRPC_METHODS",
     "OPEN_GRPC_METHODS",
     "AccessPolicy",
+    "RateLimiter",
     "Role",
     "TlsSettings",
     "http_role",
@@ -249,3 +250,66 @@ class TlsSettings:
             root_certificates=self._read(self.ca) if self.ca else None,
             require_client_auth=bool(self.ca),
         )
+
+
+class RateLimiter:
+    """Per-client token buckets for inference requests: ``requests_per_s`` sustained, ``burst`` at once.
+
+    A client is its token when it sends one, else its address. Over the limit: ResourceExhausted
+    (429 / RESOURCE_EXHAUSTED) at once, before any work is done. Idle full buckets are forgotten.
+    """
+
+    def __init__(self, requests_per_s: float, burst: int, clock: Any = None) -> None:
+        import time
+
+        self.rate = requests_per_s
+        self.burst = burst
+        self._clock = clock or time.monotonic
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    @classmethod
+    def from_mapping(cls, settings: Mapping[str, Any] | None) -> RateLimiter | None:
+        settings = dict(settings or {})
+        if not settings:
+            return None
+        unknown = sorted(set(settings) - {"requests_per_s", "burst"})
+        if unknown:
+            raise InvalidArgument(f"unknown rate_limit setting(s): {', '.join(unknown)}; known: requests_per_s, burst")
+        rate = settings.get("requests_per_s")
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or rate <= 0:
+            raise InvalidArgument(f"rate_limit.requests_per_s must be a positive number, got {rate!r}")
+        burst = settings.get("burst", max(1, int(rate)))
+        if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
+            raise InvalidArgument(f"rate_limit.burst must be a positive integer, got {burst!r}")
+        return cls(float(rate), burst)
+
+    def check(self, client: str) -> None:
+        now = self._clock()
+        tokens, last = self._buckets.get(client, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+        if tokens < 1.0:
+            self._buckets[client] = (tokens, now)
+            from dl_inference.errors import ResourceExhausted
+
+            raise ResourceExhausted(
+                f"rate limit: this client is over {self.rate:g} requests/s (burst {self.burst}); retry later"
+            )
+        self._buckets[client] = (tokens - 1.0, now)
+        if len(self._buckets) > 10_000:
+            self._forget_idle(now)
+
+    def _forget_idle(self, now: float) -> None:
+        full_after = self.burst / self.rate
+        for key, (_, last) in list(self._buckets.items()):
+            if now - last >= full_after:
+                del self._buckets[key]
+
+
+def client_key(token: str | None, peer: str | None) -> str:
+    """Rate-limit key: the token when given, else the peer's address without its port."""
+    if token:
+        return "token:" + token
+    peer = peer or "?"
+    if peer.startswith(("ipv4:", "ipv6:")):  # gRPC peers: "ipv4:1.2.3.4:5678", "ipv6:[::1]:5678"
+        peer = peer.split(":", 1)[1].rsplit(":", 1)[0]
+    return "addr:" + peer

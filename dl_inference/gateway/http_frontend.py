@@ -20,7 +20,15 @@ from dl_inference.protocol.datatypes import element_size
 from dl_inference.protocol.generated import grpc_service_pb2 as pb
 from dl_inference.protocol.http_codec import parse_infer_request, render_error, render_infer_response
 from dl_inference.protocol.jsonview import to_json
-from dl_inference.security import AccessPolicy, PermissionDenied, Role, http_role, token_from_headers
+from dl_inference.security import (
+    AccessPolicy,
+    PermissionDenied,
+    RateLimiter,
+    Role,
+    client_key,
+    http_role,
+    token_from_headers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +66,10 @@ class HttpFrontend:
         max_json_depth: int = 64,
         access: AccessPolicy | None = None,
         control: str = "here",
+        rate_limiter: RateLimiter | None = None,
     ) -> None:
         self.dp = dp
+        self.rate_limiter = rate_limiter
         self.max_request_bytes = max_request_bytes
         self.max_json_depth = max_json_depth
         self.access = access or AccessPolicy()
@@ -116,6 +126,8 @@ class HttpFrontend:
             raise PermissionDenied(f"the model-control API is not served on this port: it is served {where}")
         token = token_from_headers(request.headers.get("Authorization"), request.headers.get("X-API-Key"))
         self.access.check(role, token)
+        if self.rate_limiter is not None and request.method == "POST" and request.path.endswith("/infer"):
+            self.rate_limiter.check(client_key(token, request.remote))
         return await handler(request)
 
     @staticmethod

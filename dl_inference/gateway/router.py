@@ -117,7 +117,13 @@ class GatewayDataPlane(DataPlane):
         specs = []
         for index, (kind, gpu) in enumerate(instance_kinds(source.config)):
             device = "gpu" if kind == "KIND_GPU" else "cpu"
-            specs.append(WorkerSpec(self.repository, source.name, version, index, device, gpu))
+            specs.append(
+                WorkerSpec(
+                    self.repository, source.name, version, index, device, gpu,
+                    max_tensor_elements=self.settings.max_tensor_elements,
+                    max_bytes_element=self.settings.max_bytes_element,
+                )
+            )  # fmt: skip
         return specs
 
     async def _start_version(self, mv: ModelVersion) -> None:

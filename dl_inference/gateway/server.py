@@ -37,11 +37,21 @@ async def serve(settings: ServerSettings) -> int:
 
     dp = GatewayDataPlane(settings)
     access, tls, control = settings.access_policy(), settings.tls_settings(), settings.control_placement()
+    limiter = settings.rate_limiter()
     grpc_server = GrpcServer(
-        dp, settings.host, settings.grpc_port, settings.max_request_bytes, access=access, control=control, tls=tls
+        dp,
+        settings.host,
+        settings.grpc_port,
+        settings.max_request_bytes,
+        access=access,
+        control=control,
+        tls=tls,
+        rate_limiter=limiter,
     )
     await grpc_server.start()
-    http = HttpFrontend(dp, settings.max_request_bytes, settings.max_json_depth, access=access, control=control)
+    http = HttpFrontend(
+        dp, settings.max_request_bytes, settings.max_json_depth, access=access, control=control, rate_limiter=limiter
+    )
     grace = settings.stop_grace_s
     runners = [await _serve_http(http.app, settings.host, settings.http_port, "HTTP", grace, tls)]
     if control == "elsewhere":

@@ -44,6 +44,8 @@ class WorkerSpec:
     device: str = "cpu"
     device_id: int | None = None
     python: str = sys.executable
+    max_tensor_elements: int = 0  # 0: only the request size bounds them
+    max_bytes_element: int = 0
 
     @property
     def label(self) -> str:
@@ -216,6 +218,10 @@ class WorkerPool:
         ]  # fmt: skip
         if spec.device_id is not None:
             cmd += ["--device-id", str(spec.device_id)]
+        if spec.max_tensor_elements:
+            cmd += ["--max-tensor-elements", str(spec.max_tensor_elements)]
+        if spec.max_bytes_element:
+            cmd += ["--max-bytes-element", str(spec.max_bytes_element)]
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
         env["DL_INFERENCE_WORKER"] = spec.label

@@ -30,7 +30,13 @@ class LoadedModel:
 
 
 def load_model_version(
-    repository: Path, name: str, version: int | None, device: str = "cpu", device_id: int | None = None
+    repository: Path,
+    name: str,
+    version: int | None,
+    device: str = "cpu",
+    device_id: int | None = None,
+    max_tensor_elements: int = 0,
+    max_bytes_element: int = 0,
 ) -> LoadedModel:
     """Read the model's config, pick the version (latest by policy if None), load its backend."""
     start = time.monotonic()
@@ -74,6 +80,7 @@ def load_model_version(
             )
             handler = Handler.load(handler_path, backend, context)
         runner = ModelRunner(backend, completed, str(version), handler)
+        runner.max_tensor_elements, runner.max_bytes_element = max_tensor_elements, max_bytes_element
         run_warmup(runner, completed, version_dir)  # before HELLO: the model is not ready until warm
     except BaseException:
         with contextlib.suppress(Exception):

@@ -79,6 +79,8 @@ async def run_worker(args: argparse.Namespace) -> int:
             args.version,
             args.device,
             args.device_id,
+            args.max_tensor_elements,
+            args.max_bytes_element,
         )
     except Exception as exc:
         reason = exc.message if isinstance(exc, ServerError) else f"{type(exc).__name__}: {exc}"
@@ -121,6 +123,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--grpc-port", type=int, default=None, help="serve V2 gRPC on this TCP port")
     p.add_argument("--max-request-bytes", type=int, default=96 * 1024 * 1024)
+    p.add_argument("--max-tensor-elements", type=int, default=0, help="per input tensor (0: no separate limit)")
+    p.add_argument("--max-bytes-element", type=int, default=0, help="largest BYTES element (0: no separate limit)")
 
 
 def main(args: argparse.Namespace) -> int:

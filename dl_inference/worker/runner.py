@@ -96,6 +96,8 @@ class ModelRunner:
         self.inputs = _specs(config.input)
         self.outputs = _specs(config.output)
         self.output_order = [t.name for t in config.output]
+        self.max_tensor_elements = 0  # 0: no limit beyond the request size
+        self.max_bytes_element = 0
 
     # -- validation ---------------------------------------------------------------------------
     def _check_inputs(self, request: pb.ModelInferRequest) -> int:
@@ -121,6 +123,11 @@ class ModelRunner:
             ok = len(shape) == len(expected) and all(e == -1 or e == s for e, s in zip(expected, shape))
             if not ok or any(s < 0 for s in shape):
                 raise InvalidArgument(f"input '{tensor.name}': expected shape {_fmt(expected)}, got {_fmt(shape)}")
+            if self.max_tensor_elements and math.prod(shape) > self.max_tensor_elements:
+                raise InvalidArgument(
+                    f"input '{tensor.name}': {math.prod(shape)} elements exceed this server's limit of "
+                    f"{self.max_tensor_elements} per tensor (setting max_tensor_elements)"
+                )
             if self.max_batch_size > 0:
                 b = shape[0]
                 if b < 1 or b > self.max_batch_size:
@@ -139,22 +146,50 @@ class ModelRunner:
             )
         return batch or 1
 
+    def _check_bytes_elements(self, inputs: dict[str, np.ndarray]) -> None:
+        for name, arr in inputs.items():
+            if arr.dtype != object or arr.size == 0:
+                continue
+            longest = max(len(v) for v in arr.flat)
+            if longest > self.max_bytes_element:
+                raise InvalidArgument(
+                    f"input '{name}': a BYTES element of {longest} bytes exceeds this server's limit of "
+                    f"{self.max_bytes_element} (setting max_bytes_element)"
+                )
+
     def _requested_outputs(self, request: pb.ModelInferRequest) -> list[str]:
         if not request.outputs:
             return self.output_order
-        names = []
+        names: list[str] = []
         for out in request.outputs:
             if out.name not in self.outputs:
                 raise InvalidArgument(
                     f"unexpected inference output '{out.name}' for model '{self.name}', "
                     f"expected one of: {', '.join(self.output_order)}"
                 )
+            if out.name in names:
+                raise InvalidArgument(f"output '{out.name}' is requested more than once")
             names.append(out.name)
         return names
 
     # -- per request: parse, validate, decode --------------------------------------------------
     def prepare(self, payload: bytes) -> Prepared:
-        """Parse and validate one serialized request; raise ServerError naming what is wrong."""
+        """Parse and validate one serialized request; raise ServerError naming what is wrong.
+
+        Only ServerError leaves: the caller answers the request with it. Anything else is a bug in
+        the validation, reported as InternalError rather than left to drop the request unanswered.
+        """
+        try:
+            return self._prepare(payload)
+        except ServerError:
+            raise
+        except Exception as exc:
+            log.exception("preparing a request for model '%s' failed", self.name)
+            raise InternalError(
+                f"model '{self.name}': cannot prepare the request: {type(exc).__name__}: {exc}"
+            ) from None
+
+    def _prepare(self, payload: bytes) -> Prepared:
         start = time.monotonic_ns()
         try:
             request = pb.ModelInferRequest.FromString(payload)
@@ -165,6 +200,8 @@ class ModelRunner:
         rows = self._check_inputs(request)
         output_names = self._requested_outputs(request)
         inputs = decode_inputs(request)
+        if self.max_bytes_element:
+            self._check_bytes_elements(inputs)
         lead = self.max_batch_size > 0
         for name, arr in list(inputs.items()):
             reshape = self.inputs[name].reshape

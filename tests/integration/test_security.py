@@ -203,3 +203,67 @@ def test_grpc_mutual_tls_with_tritonclient(tls_server: tuple[RunningServer, Path
     plain = grpcclient.InferenceServerClient(f"localhost:{srv.grpc_port}")
     with pytest.raises(InferenceServerException):
         plain.is_server_live(client_timeout=5)
+
+
+# --- limits ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def limited_server(example_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    root = tmp_path_factory.mktemp("limits")
+    (root / "server.yaml").write_text(
+        "rate_limit: {requests_per_s: 5, burst: 3}\nmax_tensor_elements: 20\nmax_request_bytes: 1048576\n"
+    )
+    with run_server(_repo(example_repo, root), root / "server.log", "--config", str(root / "server.yaml")) as srv:
+        yield srv
+
+
+def test_per_client_rate_limit(limited_server: RunningServer) -> None:
+    client = grpcclient.InferenceServerClient(limited_server.grpc_url)
+    outcomes = []
+    for _ in range(8):
+        start = time.monotonic()
+        try:
+            client.infer("simple", [_simple_input(grpcclient)])
+            outcomes.append(("ok", time.monotonic() - start))
+        except InferenceServerException as exc:
+            assert exc.status() == "StatusCode.RESOURCE_EXHAUSTED", exc
+            assert "rate limit: this client is over 5 requests/s (burst 3)" in exc.message()
+            outcomes.append(("limited", time.monotonic() - start))
+    assert [o for o, _ in outcomes].count("ok") >= 3 and "limited" in [o for o, _ in outcomes]
+    assert max(t for o, t in outcomes if o == "limited") < 0.05  # refused at once
+    time.sleep(0.5)  # the bucket refills
+    client.infer("simple", [_simple_input(grpcclient)])
+    # HTTP clients are limited by address too (the gRPC bucket above is the same address: 127.0.0.1).
+    statuses = [_http_post_infer(limited_server) for _ in range(8)]
+    assert 429 in statuses and 200 in statuses
+
+
+def _http_post_infer(srv: RunningServer, body: bytes | None = None, headers: dict[str, str] | None = None) -> int:
+    if body is None:
+        body = json.dumps(
+            {"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32", "data": [0.0] * 16}]}
+        ).encode()
+    req = urllib.request.Request(
+        f"http://{srv.http_url}/v2/models/simple/infer", data=body, method="POST", headers=headers or {}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as exc:
+        exc.read()
+        return exc.code
+
+
+def test_tensor_element_limit_and_compressed_body(limited_server: RunningServer) -> None:
+    import gzip
+
+    time.sleep(1.0)  # let the rate limiter refill after the test above
+    x = grpcclient.InferInput("x", [2, 16], "FP32")
+    x.set_data_from_numpy(np.ones((2, 16), dtype=np.float32))
+    with pytest.raises(InferenceServerException, match="32 elements exceed this server's limit of 20 per tensor"):
+        grpcclient.InferenceServerClient(limited_server.grpc_url).infer("simple", [x])
+    # 1 MiB limit: a small gzip body that expands to 64 MiB is refused (aiohttp counts the expanded bytes).
+    bomb = gzip.compress(b'{"inputs": [' + b" " * (64 * 1024 * 1024) + b"]}", 9)
+    assert len(bomb) < 1024 * 1024
+    assert _http_post_infer(limited_server, bomb, {"Content-Encoding": "gzip"}) == 413

@@ -325,3 +325,29 @@ def test_example_image_classifier(tmp_path: Path) -> None:
         assert "parameter 'top_k' must be in 1..8, got 9" in err.message
     finally:
         model.runner.close()
+
+
+def test_tensor_element_and_bytes_element_limits(tmp_path: Path) -> None:
+    make_example_repository(tmp_path)
+    model = load_model_version(tmp_path, "simple", None, max_tensor_elements=20)
+    try:
+        req = pb.ModelInferRequest(model_name="simple")
+        req.inputs.add(name="x", datatype="FP32", shape=[2, 16])
+        req.raw_input_contents.append(np.zeros((2, 16), np.float32).tobytes())
+        with pytest.raises(ServerError, match=r"input 'x': 32 elements exceed this server's limit of 20 per tensor"):
+            model.runner.prepare(req.SerializeToString())
+        del req.inputs[0].shape[:]
+        req.inputs[0].shape.extend([1, 16])
+        req.raw_input_contents[0] = np.zeros((1, 16), np.float32).tobytes()
+        model.runner.prepare(req.SerializeToString())  # within the limit
+    finally:
+        model.runner.close()
+    model = load_model_version(tmp_path, "image_classifier", None, max_bytes_element=100)
+    try:
+        req = pb.ModelInferRequest(model_name="image_classifier")
+        req.inputs.add(name="image", datatype="BYTES", shape=[2, 1])
+        req.raw_input_contents.append(serialize_bytes_tensor(np.array([b"x" * 10, b"y" * 101], dtype=object)))
+        with pytest.raises(ServerError, match="a BYTES element of 101 bytes exceeds this server's limit of 100"):
+            model.runner.prepare(req.SerializeToString())
+    finally:
+        model.runner.close()

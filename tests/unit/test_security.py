@@ -106,3 +106,27 @@ def test_server_settings_validate_security(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument, match="at least 16 characters"):
         ServerSettings(**base, auth={"tokens": ["abc"]}).validate()  # type: ignore[arg-type]
     assert ServerSettings(**base, control_port=9000).control_placement() == "elsewhere"  # type: ignore[arg-type]
+
+
+def test_rate_limiter_token_bucket() -> None:
+    from dl_inference.security import RateLimiter, client_key
+
+    now = [0.0]
+    limiter = RateLimiter(requests_per_s=2.0, burst=3, clock=lambda: now[0])
+    for _ in range(3):
+        limiter.check("a")  # the burst
+    with pytest.raises(ServerError, match=r"over 2 requests/s \(burst 3\)") as err:
+        limiter.check("a")
+    assert err.value.code is Code.RESOURCE_EXHAUSTED and err.value.http_status == 429
+    limiter.check("b")  # another client has its own bucket
+    now[0] = 0.5  # one token back
+    limiter.check("a")
+    with pytest.raises(ServerError):
+        limiter.check("a")
+    assert RateLimiter.from_mapping({}) is None
+    assert RateLimiter.from_mapping({"requests_per_s": 10}).burst == 10  # type: ignore[union-attr]
+    with pytest.raises(InvalidArgument, match="requests_per_s must be a positive number"):
+        RateLimiter.from_mapping({"requests_per_s": 0})
+    assert client_key(None, "ipv4:10.1.2.3:5555") == client_key(None, "ipv4:10.1.2.3:6666") == "addr:10.1.2.3"
+    assert client_key(None, "ipv6:[::1]:5555") == "addr:[::1]"
+    assert client_key(INFER, "ipv4:10.1.2.3:5555") == "token:" + INFER
