@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("make-examples", help="write the example models into a repository directory")
     e.add_argument("directory")
 
-    c = sub.add_parser("convert", help="convert a model from another framework to ONNX")
+    c = sub.add_parser("convert", help="convert models: Caffe -> ONNX, ONNX -> TensorRT, a whole repository")
     csub = c.add_subparsers(dest="framework", required=True)
     cc = csub.add_parser("caffe", help="Caffe deploy prototxt + caffemodel -> ONNX with Caffe's outputs")
     cc.add_argument("--prototxt", required=True, help="deploy .prototxt")
@@ -64,10 +64,116 @@ def _parser() -> argparse.ArgumentParser:
         help="make the batch dimension of inputs/outputs symbolic (default: on)",
     )  # fmt: skip
     cc.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    _add_tensorrt_commands(csub)
     return p
 
 
+def _add_tensorrt_commands(csub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    ct = csub.add_parser(
+        "onnx-to-tensorrt",
+        help="ONNX -> TensorRT engine (model.plan + model.plan.json metadata); needs TensorRT and a GPU",
+    )
+    ct.add_argument("--onnx", required=True, help="ONNX model to build from")
+    ct.add_argument("-o", "--output", required=True, help="engine file to write (metadata goes to OUTPUT.json)")
+    ct.add_argument(
+        "--max-batch-size", type=int, default=None,
+        help="largest batch (profile max; min is 1); default 8 when every input and output has a dynamic "
+        "first dimension, else 0 (no batching)",
+    )  # fmt: skip
+    ct.add_argument("--opt-batch", type=int, help="batch size TensorRT tunes for (default: --max-batch-size)")
+    precision = ct.add_mutually_exclusive_group()
+    precision.add_argument("--fp16", action="store_true", help="TensorRT 10: allow FP16 kernels")
+    precision.add_argument("--int8", action="store_true", help="TensorRT 10: INT8 (+FP16) with entropy calibration")
+    precision.add_argument(
+        "--strongly-typed", action="store_true", help="precision from the ONNX itself (FP16 / Q/DQ models; TensorRT 11)"
+    )
+    ct.add_argument("--calibration-dir", help="--int8: folder of .npy/.npz calibration samples")
+    ct.add_argument("--calibration-batch-size", type=int, help="--int8: rows per calibration batch (default <= 8)")
+    ct.add_argument("--workspace-mb", type=int, help="builder workspace limit in MiB (default: TensorRT's)")
+    ct.add_argument("--timing-cache", help="timing cache file (default: one per GPU and TensorRT in the cache dir)")
+    ct.add_argument(
+        "--shape", action="append", default=[], metavar="NAME:DIMS[:OPT:MAX]",
+        help="shape of an input's non-batch dimensions, e.g. image:3x224x224 or tokens:1:128:512 (repeatable)",
+    )  # fmt: skip
+    ct.add_argument("--device-id", type=int, default=0, help="GPU to build on (default 0)")
+
+    cr = csub.add_parser(
+        "repository",
+        help="build the TensorRT engines a model repository's configs ask for (the init step before serve)",
+    )
+    cr.add_argument("--model-repository", required=True, help="model repository directory")
+    cr.add_argument("--target", choices=("tensorrt",), default="tensorrt", help="what to build (default tensorrt)")
+    cr.add_argument(
+        "--into", choices=("version", "cache"), default="version",
+        help="write model.plan into each version directory (default) or into the engine cache (read-only repos)",
+    )  # fmt: skip
+    cr.add_argument("--dry-run", action="store_true", help="only print what would be built (no TensorRT needed)")
+    cr.add_argument("--device-id", type=int, default=0, help="GPU to build on (default 0)")
+
+
+def _emit(line: str) -> None:
+    print(line, flush=True)
+
+
+def _convert_onnx_to_tensorrt(args: argparse.Namespace) -> int:
+    from dl_inference.convert.tensorrt.builder import import_tensorrt
+    from dl_inference.convert.tensorrt.pipeline import convert_onnx_file
+    from dl_inference.convert.tensorrt.settings import BuildSettings, batchable, onnx_io, parse_shape_specs
+    from dl_inference.errors import ServerError
+
+    onnx_path = Path(args.onnx)
+    try:
+        trt = import_tensorrt()  # first: nothing below can happen without it
+        inputs, outputs = onnx_io(onnx_path)
+        max_batch = args.max_batch_size
+        if max_batch is None:
+            max_batch = 8 if batchable(inputs, outputs) else 0
+        precision = "fp16" if args.fp16 else "int8" if args.int8 else "typed" if args.strongly_typed else "fp32"
+        settings = BuildSettings(
+            max_batch_size=max_batch,
+            opt_batch_size=args.opt_batch,
+            precision=precision,
+            workspace_mb=args.workspace_mb,
+            shapes=parse_shape_specs(args.shape),
+            calibration_dir=Path(args.calibration_dir) if args.calibration_dir else None,
+            calibration_batch_size=args.calibration_batch_size,
+            timing_cache=Path(args.timing_cache) if args.timing_cache else None,
+        )
+        meta = convert_onnx_file(onnx_path, Path(args.output), settings, _emit, device_id=args.device_id, trt=trt)
+    except ServerError as exc:
+        print(f"dl-inference: {exc.message}", file=sys.stderr)
+        return 2
+    print(
+        f"wrote {args.output} ({meta['plan_bytes'] / 1e6:.1f} MB, {meta['precision']}, "
+        f"max batch {meta['max_batch_size']}) "
+        f"for TensorRT {meta['tensorrt_version']} on {meta['gpu_name']} ({meta['compute_capability']}) "
+        f"in {meta['build_seconds']:.1f} s; metadata in {args.output}.json"
+    )
+    return 0
+
+
+def _convert_repository(args: argparse.Namespace) -> int:
+    from dl_inference.convert.tensorrt.repository import plan_repository, run_conversion
+    from dl_inference.errors import ServerError
+
+    try:
+        planned, summary = plan_repository(Path(args.model_repository), into=args.into)
+        dry = " (dry run)" if args.dry_run else ""
+        _emit(f"{len(planned)} TensorRT model version(s) in {args.model_repository}{dry}")
+        summary = run_conversion(planned, summary, _emit, dry_run=args.dry_run, device_id=args.device_id)
+    except ServerError as exc:
+        print(f"dl-inference: {exc.message}", file=sys.stderr)
+        return 2
+    for line in summary.lines():
+        _emit(line)
+    return summary.exit_code
+
+
 def _convert(args: argparse.Namespace) -> int:
+    if args.framework == "onnx-to-tensorrt":
+        return _convert_onnx_to_tensorrt(args)
+    if args.framework == "repository":
+        return _convert_repository(args)
     from dl_inference.convert.caffe.to_onnx import convert_caffe
     from dl_inference.errors import ServerError
 

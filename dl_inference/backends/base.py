@@ -127,6 +127,7 @@ _REGISTRY: dict[str, str] = {
     "onnxruntime": "dl_inference.backends.onnxruntime_backend:OnnxRuntimeBackend",
     "caffe": "dl_inference.backends.caffe_backend:CaffeBackend",
     "pytorch": "dl_inference.backends.pytorch_backend:PyTorchBackend",
+    "tensorrt": "dl_inference.backends.tensorrt_backend:TensorRTBackend",
 }
 # Triton platform names and other spellings -> registry name.
 _ALIASES: dict[str, str] = {
@@ -135,6 +136,7 @@ _ALIASES: dict[str, str] = {
     "pytorch_libtorch": "pytorch",
     "libtorch": "pytorch",
     "torch": "pytorch",
+    "tensorrt_plan": "tensorrt",
 }
 
 

@@ -213,7 +213,9 @@ def default_model_filename(config: ModelConfig) -> str:
 def backend_name(config: ModelConfig, version_dir: Path | None = None) -> str:
     """Our backend name (one of :data:`SUPPORTED_BACKENDS`) for a model.
 
-    From platform/backend when set; else from the suffix of ``default_model_filename``; else from
+    From platform/backend when set; else ``tensorrt`` when the parameter ``convert_to`` is
+    ``tensorrt`` (``dl-inference convert repository`` builds those); else from the suffix of
+    ``default_model_filename``; else from
     the model file present in ``version_dir`` (model.onnx, model.plan, model.pt/.pt2,
     model.savedmodel/). With no hint at all and no ``version_dir`` it is ``onnxruntime``, matching
     :func:`default_model_filename`.
@@ -224,6 +226,10 @@ def backend_name(config: ModelConfig, version_dir: Path | None = None) -> str:
     backend = _normalize(config)
     if backend is not None:
         return backend
+    # `dl-inference convert repository` builds model.plan beside model.onnx for these models.
+    convert_to = config.parameters["convert_to"].string_value if "convert_to" in config.parameters else ""
+    if convert_to.strip().lower() in ("tensorrt", "tensorrt_plan"):
+        return "tensorrt"
     if config.default_model_filename:
         suffix = Path(config.default_model_filename).suffix.lower()
         if suffix in _SUFFIXES:
