@@ -382,8 +382,9 @@ def _grow(capacity: int, needed: int) -> int:
     return (size + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
-class DeviceBuffer:
-    """A device allocation that grows (to at least double its size) when a larger one is needed."""
+class _GrowingBuffer:
+    """An allocation that grows (to at least double its size) when a larger one is needed; the old
+    contents are not kept when it grows. Subclasses say how to allocate and free."""
 
     def __init__(self, api: CudaApi, label: str = "") -> None:
         self.api = api
@@ -391,38 +392,46 @@ class DeviceBuffer:
         self.ptr = 0
         self.capacity = 0
 
+    def _alloc(self, size: int) -> int:
+        raise NotImplementedError
+
+    def _free(self, ptr: int) -> None:
+        raise NotImplementedError
+
     def ensure(self, nbytes: int) -> int:
-        """A pointer to at least ``nbytes`` bytes (the old contents are not kept when it grows)."""
+        """A pointer to at least ``nbytes`` bytes."""
         if nbytes > self.capacity or self.ptr == 0:
             size = _grow(self.capacity, nbytes)
             self.release()
-            self.ptr = self.api.malloc(size)
+            self.ptr = self._alloc(size)
             self.capacity = size
         return self.ptr
 
     def release(self) -> None:
         if self.ptr:
             ptr, self.ptr, self.capacity = self.ptr, 0, 0
-            self.api.free(ptr)
+            self._free(ptr)
 
 
-class PinnedBuffer:
-    """Page-locked host memory that grows like :class:`DeviceBuffer`; :meth:`view` is a numpy array
-    over it, valid until the buffer grows or is released."""
+class DeviceBuffer(_GrowingBuffer):
+    """A device allocation."""
 
-    def __init__(self, api: CudaApi, label: str = "") -> None:
-        self.api = api
-        self.label = label
-        self.ptr = 0
-        self.capacity = 0
+    def _alloc(self, size: int) -> int:
+        return self.api.malloc(size)
 
-    def ensure(self, nbytes: int) -> int:
-        if nbytes > self.capacity or self.ptr == 0:
-            size = _grow(self.capacity, nbytes)
-            self.release()
-            self.ptr = self.api.host_alloc(size)
-            self.capacity = size
-        return self.ptr
+    def _free(self, ptr: int) -> None:
+        self.api.free(ptr)
+
+
+class PinnedBuffer(_GrowingBuffer):
+    """Page-locked host memory; :meth:`view` is a numpy array over it, valid until the buffer grows
+    or is released."""
+
+    def _alloc(self, size: int) -> int:
+        return self.api.host_alloc(size)
+
+    def _free(self, ptr: int) -> None:
+        self.api.free_host(ptr)
 
     def view(self, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
         dtype = np.dtype(dtype)
@@ -434,11 +443,6 @@ class PinnedBuffer:
             raise ValueError(f"pinned buffer {self.label!r} holds {self.capacity} bytes, {nbytes} asked for")
         raw = (ctypes.c_ubyte * nbytes).from_address(self.ptr)
         return np.ctypeslib.as_array(raw).view(dtype).reshape(shape)
-
-    def release(self) -> None:
-        if self.ptr:
-            ptr, self.ptr, self.capacity = self.ptr, 0, 0
-            self.api.free_host(ptr)
 
 
 class InstanceMemory:

@@ -225,30 +225,28 @@ class Handler:
         """preprocess → infer → postprocess on one batch; the outputs and each stage's nanoseconds."""
         params = dict(parameters)
         t0 = time.monotonic_ns()
-        model_inputs: Any = inputs
-        if self._pre is not None:
-            try:
-                model_inputs = self._pre(inputs, params)
-            except Exception as exc:
-                raise _user_error("preprocess", self.name, exc) from exc
-            model_inputs = _as_dict(model_inputs, "preprocess", self.name)
+        model_inputs = inputs if self._pre is None else self._stage("preprocess", self._pre, inputs, params)
         t1 = time.monotonic_ns()
-        try:
-            if self._infer is not None:
-                outputs = _as_dict(self._infer(self.model, model_inputs), "infer", self.name)
-            else:
+        if self._infer is not None:
+            outputs = self._stage("infer", self._infer, self.model, model_inputs)
+        else:
+            try:
                 outputs = self.model(model_inputs)
-        except Exception as exc:
-            raise _user_error("infer", self.name, exc) from exc
+            except Exception as exc:
+                raise _user_error("infer", self.name, exc) from exc
         t2 = time.monotonic_ns()
         if self._post is not None:
-            try:
-                outputs = self._post(outputs, params)
-            except Exception as exc:
-                raise _user_error("postprocess", self.name, exc) from exc
-            outputs = _as_dict(outputs, "postprocess", self.name)
+            outputs = self._stage("postprocess", self._post, outputs, params)
         t3 = time.monotonic_ns()
         return outputs, (t1 - t0, t2 - t1, t3 - t2)
+
+    def _stage(self, stage: str, fn: Any, *args: Any) -> dict[str, np.ndarray]:
+        """Call one user hook; its exception becomes the stage's error, its result a dict of arrays."""
+        try:
+            result = fn(*args)
+        except Exception as exc:
+            raise _user_error(stage, self.name, exc) from exc
+        return _as_dict(result, stage, self.name)
 
     def close(self) -> None:
         sys.modules.pop(self.module.__name__, None)
