@@ -43,6 +43,13 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     s.add_argument("--node-file", help="node list file, re-read when it changes")
     s.add_argument("--balancer-policy", choices=("least_request", "weighted_round_robin"))
+    s.add_argument("--auth-token-file", help="inference tokens, one per line: clients send 'Authorization: Bearer'")
+    s.add_argument("--admin-token-file", help="model-control tokens, one per line")
+    s.add_argument("--tls-cert", help="PEM certificate chain: HTTPS and gRPC over TLS (with --tls-key)")
+    s.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    s.add_argument("--tls-ca", help="PEM CA: clients must present a certificate it signed (mutual TLS)")
+    s.add_argument("--control-api", choices=("enabled", "disabled"), help="model control (load/unload/index)")
+    s.add_argument("--control-port", type=int, help="serve model control only on this HTTP port (127.0.0.1)")
     s.add_argument("--config", help="server settings YAML (flags override it)")
 
     from dl_inference.worker.main import add_arguments
@@ -217,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         for k in (
             "model_repository", "http_port", "grpc_port", "metrics_port", "host", "model_control_mode",
             "load_models", "repository_poll_secs", "max_request_bytes", "nodes", "node_file",
+            "control_api", "control_port",
         )
     }  # fmt: skip
     overrides["log_level"] = args.log_level
@@ -224,6 +232,17 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(args.config, overrides)
         if args.balancer_policy:
             settings.balancer = {**settings.balancer, "policy": args.balancer_policy}
+        if args.auth_token_file or args.admin_token_file:
+            auth = dict(settings.auth)
+            if args.auth_token_file:
+                auth["tokens_file"] = args.auth_token_file
+            if args.admin_token_file:
+                auth["admin_tokens_file"] = args.admin_token_file
+            settings.auth = auth
+        tls = {k: v for k, v in (("cert", args.tls_cert), ("key", args.tls_key), ("ca", args.tls_ca)) if v}
+        if tls:
+            settings.tls = {**settings.tls, **tls}
+        settings.validate()
     except ServerError as exc:
         print(f"dl-inference: {exc.message}", file=sys.stderr)
         return 2

@@ -267,3 +267,13 @@ def test_tensor_element_limit_and_compressed_body(limited_server: RunningServer)
     bomb = gzip.compress(b'{"inputs": [' + b" " * (64 * 1024 * 1024) + b"]}", 9)
     assert len(bomb) < 1024 * 1024
     assert _http_post_infer(limited_server, bomb, {"Content-Encoding": "gzip"}) == 413
+
+
+def test_command_line_flags(example_repo: Path, tmp_path: Path) -> None:
+    (tmp_path / "tokens").write_text(INFER + "\n")
+    flags = ("--auth-token-file", str(tmp_path / "tokens"), "--control-api", "disabled")
+    with run_server(_repo(example_repo, tmp_path), tmp_path / "log", *flags) as srv:
+        base = f"http://{srv.http_url}"
+        assert _http(f"{base}/v2/models/simple") == 401
+        assert _http(f"{base}/v2/models/simple", token=INFER) == 200
+        assert _http(f"{base}/v2/repository/index", "POST", INFER) == 403
