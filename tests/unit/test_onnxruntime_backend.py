@@ -417,3 +417,34 @@ def test_unload(repo: Path) -> None:
     backend.unload()
     with pytest.raises(Unavailable):
         backend.infer({"x": np.zeros((1, 16), np.float32)}, [])
+
+
+@pytest.mark.parametrize("how", ["relative path", "symlink"])
+def test_external_data_outside_the_model_directory_is_refused(tmp_path: Path, how: str) -> None:
+    """An ONNX file cannot make the worker read files outside its directory through external data."""
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(np.arange(4, dtype=np.float32).tobytes())
+    version = tmp_path / "repo" / "m" / "1"
+    version.mkdir(parents=True)
+    location = "../../../secret.bin"
+    if how == "symlink":
+        (version / "weights.bin").symlink_to(secret)
+        location = "weights.bin"
+    weight = numpy_helper.from_array(np.ones(4, np.float32), "W")
+    weight.ClearField("raw_data")
+    weight.data_location = TensorProto.EXTERNAL
+    for key, value in {"location": location, "offset": "0", "length": "16"}.items():
+        entry = weight.external_data.add()
+        entry.key, entry.value = key, value
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "W"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+        initializer=[weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    (version / "model.onnx").write_bytes(model.SerializeToString())
+    with pytest.raises(ServerError, match="escapes model directory"):
+        OnnxRuntimeBackend().load(version, mc.ModelConfig(name="m"))
