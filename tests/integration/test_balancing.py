@@ -262,6 +262,10 @@ def test_killing_a_remote_node_under_load_loses_nothing(nodes: list[Process], re
             with Traffic(srv.grpc_url, "scale", threads=6, x=X, client_timeout=5.0) as traffic:
                 time.sleep(1.0)
                 assert endpoints(srv)[victim.address]["requests"] > 0
+                # Freeze it first so that requests are certainly in flight there when it dies (a
+                # fast node killed at a random moment may hold none, and then no retry is needed).
+                os.kill(victim.process.pid, signal.SIGSTOP)
+                wait_for(lambda: endpoints(srv)[victim.address]["inflight"] > 0, 5)
                 victim.process.kill()
                 victim.process.wait()
                 gone = wait_for(lambda: endpoints(srv)[victim.address]["state"] != "healthy", 5)
