@@ -12,9 +12,9 @@ MLSERVER_VENV ?= .venv-mlserver
 MLSERVER_PYTHON ?= $(PYTHON)
 MLSERVER_VERSION ?= 1.7.1
 
-.PHONY: install serve examples test test-unit test-integration lint proto proto-check bench clean bench-balancer perf \
+.PHONY: install serve examples test test-unit test-integration fuzz lint proto proto-check bench clean bench-balancer perf \
 	mlserver-env bench-mlserver \
-	bench-pytorch-gpu
+	bench-pytorch-gpu faults faults-quick soak
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,17 @@ test-unit: install
 test-integration: install
 	$(PY) -m pytest -q tests/integration
 
+# Long property-based fuzz of the HTTP/gRPC parsers, validation and the real server (tests/fuzz):
+# FUZZ_EXAMPLES per test (the server tests a quarter of it, at most 5,000 requests), new random
+# seeds each run; failures are kept in .hypothesis/ and replayed first next time. Hours on 2 cores
+# at the default; `make test` runs the same tests briefly (profile "ci", well under a minute).
+# e.g. make fuzz FUZZ_EXAMPLES=2000 FUZZ_ARGS="--hypothesis-seed=1 -k http_codec"
+FUZZ_EXAMPLES ?= 20000
+FUZZ_ARGS ?=
+fuzz: install
+	HYPOTHESIS_PROFILE=long FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q --timeout=0 \
+		--hypothesis-show-statistics tests/fuzz $(FUZZ_ARGS)
+
 lint: install
 	$(VENV)/bin/ruff check dl_inference tests load_tests scripts
 	$(VENV)/bin/ruff format --check dl_inference tests load_tests scripts
@@ -66,6 +77,22 @@ bench-balancer: install
 PERF_ARGS ?= --scenario tiny_mlp --url localhost:$(GRPC_PORT)
 perf: install
 	$(PY) -m load_tests.perf $(PERF_ARGS)
+
+# Fault scenarios under open-loop load (SIGKILL a worker, SIGSTOP / cut off a node, SIGTERM the gateway,
+# 2x overload): one table in load_tests/results/faults.{json,txt}; ~7 min (faults-quick: ~2.5 min,
+# results/faults_quick.*). E.g. make faults FAULTS_ARGS="--only overload,stop_node --rate 300"
+FAULTS_ARGS ?=
+faults: install
+	$(PY) -m load_tests.faults $(FAULTS_ARGS)
+
+faults-quick: install
+	$(PY) -m load_tests.faults --quick $(FAULTS_ARGS)
+
+# 30 min at half capacity: RSS growth (target < 5%), errors, p50/p99 per 5-min slice, in
+# load_tests/results/soak.{json,txt}. A short one: make soak SOAK_ARGS="--minutes 2"
+SOAK_ARGS ?=
+soak: install
+	$(PY) -m load_tests.soak $(SOAK_ARGS)
 
 # ResNet-50 fp32 / fp16 / fp16 + torch.compile on the PyTorch backend, on GPU 0 (needs a CUDA torch);
 # on the GPU machine without the venv: `python3 -m load_tests.bench_pytorch_gpu` from the repo root.

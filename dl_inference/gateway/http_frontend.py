@@ -51,6 +51,62 @@ def _error(message: str, status: int) -> web.Response:
     return web.Response(body=render_error(message), status=status, content_type="application/json")
 
 
+def _client_http_errors_in_one_line(record: logging.LogRecord) -> bool:
+    """Filter for aiohttp's server logger: a request that is the client's fault and already answered
+    4xx is logged as one INFO line, not as an ERROR with a traceback. Those are: malformed HTTP
+    (bad headers, an unsupported Content-Encoding such as zstd) that aiohttp answers itself, and a
+    body that does not decompress, which aiohttp drains again after the handler answered it 400
+    ("Unhandled exception"). A client could otherwise fill the log with a traceback per request."""
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(exc, web_protocol.RequestPayloadError) or (
+        isinstance(exc, http_exceptions.HttpProcessingError) and 400 <= (exc.code or 0) < 500
+    ):
+        if isinstance(exc, web_protocol.RequestPayloadError):
+            text = f"client error (answered 400): the request body could not be read: {exc}"
+        else:
+            text = f"client error (answered {exc.code} by aiohttp): {record.getMessage()}: {exc}"
+        record.msg = " ".join(text.split())
+        record.args = ()
+        record.exc_info = None
+        record.exc_text = None
+        record.levelno = logging.INFO
+        record.levelname = "INFO"
+    return True
+
+
+logging.getLogger("aiohttp.server").addFilter(_client_http_errors_in_one_line)
+
+_aiohttp_handle_error = web_protocol.RequestHandler.handle_error
+
+
+def _handle_error_as_json(
+    self: web_protocol.RequestHandler,
+    request: Any,
+    status: int = 500,
+    exc: BaseException | None = None,
+    message: str | None = None,
+) -> web.StreamResponse:
+    """aiohttp answers a request it cannot parse (bad headers, a Content-Encoding it cannot decode
+    while parsing, such as zstd without its decoder or a corrupt deflate body) itself, before any
+    handler or middleware, with a text/plain body. Keep everything it does (logging, closing the
+    connection) but answer 4xx like every other error of this server: ``{"error": "..."}``, which
+    tritonclient parses. aiohttp offers no hook for this, so its method is wrapped."""
+    response = _aiohttp_handle_error(self, request, status, exc, message)
+    if not 400 <= status < 500:
+        return response
+    detail = exc.message if isinstance(exc, http_exceptions.HttpProcessingError) else message
+    if isinstance(exc, http_exceptions.ContentEncodingError):
+        text = f"cannot decode the request body: {detail}"
+    else:
+        text = f"malformed HTTP request: {detail or status}"
+    answer = _error(text, status)
+    answer.force_close()
+    return answer
+
+
+setattr(web_protocol.RequestHandler, "handle_error", _handle_error_as_json)  # noqa: B010
+
+
 def _flag(ok: bool) -> web.Response:
     return web.Response(status=200 if ok else 400)
 
@@ -95,21 +151,41 @@ class HttpFrontend:
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        response = await self._answer(request, handler)
+        if (
+            "Content-Encoding" in request.headers
+            and not request.content.is_eof()
+            and isinstance(response, web.Response)
+            and not response.prepared
+        ):
+            # Answered without reading a compressed body (404, 401, 429...): aiohttp then drains it,
+            # and if it does not decompress it drops the connection. Say so in the answer, so that
+            # a keep-alive client does not send its next request into a closed socket.
+            response.force_close()
+        return response
+
+    async def _answer(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             return await handler(request)
         except ServerError as exc:
             return _error(exc.message, exc.http_status)
         except web.HTTPRequestEntityTooLarge:
-            return _error(
+            response = _error(
                 f"request body exceeds the server's limit of {self.max_request_bytes} bytes "
                 f"(setting max_request_bytes)",
                 413,
             )
+            response.force_close()  # the rest of the body is unread: say the connection ends here
+            return response
         except web_protocol.RequestPayloadError as exc:
             # The body could not be read (corrupt Content-Encoding data, bad chunked framing): the client's fault.
+            # aiohttp drops the connection after such a body, so the answer says "Connection: close"
+            # and a keep-alive client does not send its next request into a closed socket.
             cause = exc.__cause__
             detail = cause.message if isinstance(cause, http_exceptions.HttpProcessingError) else str(exc)
-            return _error(f"cannot read the request body: {detail}", 400)
+            response = _error(f"cannot read the request body: {detail}", 400)
+            response.force_close()
+            return response
         except web.HTTPException as exc:
             if exc.status >= 400:
                 return _error(exc.reason or str(exc), exc.status)
@@ -200,6 +276,11 @@ class HttpFrontend:
             known = 1
             for d in shape:
                 known *= d if d >= 0 else 1
+            if known == 0:  # no elements whatever the variable dimension is: the body cannot tell it
+                raise InvalidArgument(
+                    f"input '{tensor.name}' has shape {shape}, which holds no elements; a raw binary request "
+                    f"cannot say its shape"
+                )
             if nbytes % (known * size):
                 raise InvalidArgument(
                     f"input '{tensor.name}': {nbytes} bytes is not a whole number of {tensor.datatype} "

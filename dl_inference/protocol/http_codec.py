@@ -42,6 +42,8 @@ from dl_inference.protocol.datatypes import V2_DATATYPES, numpy_dtype
 from dl_inference.protocol.generated import grpc_service_pb2 as pb
 from dl_inference.protocol.tensors import (
     _contents_to_numpy,
+    _element_count,
+    check_unicode,
     raw_to_numpy,
     serialize_bytes_tensor,
     set_parameter,
@@ -58,6 +60,7 @@ __all__ = [
 ]
 
 _FLOAT_TYPES = frozenset({"FP16", "FP32", "FP64", "BF16"})
+_INT64_MAX = (1 << 63) - 1
 
 # Every byte except brackets and the quote, for bytes.translate(None, delete=...).
 _NON_STRUCTURAL = bytes(b for b in range(256) if b not in b'[]{}"')
@@ -198,6 +201,7 @@ def _get_str(obj: dict[str, Any], key: str, context: str, required: bool = True)
         return None
     if not isinstance(value, str):
         raise InvalidArgument(f"{context}: '{key}' must be a string, got {_json_type(value)}")
+    check_unicode(value, f"{context}: '{key}'")
     return value
 
 
@@ -218,6 +222,8 @@ def _parse_shape(value: Any, label: str) -> list[int]:
             raise InvalidArgument(f"{label}: 'shape' must contain only integers, got {_json_type(d)} {_short(d)}")
         if d < 0:
             raise InvalidArgument(f"{label}: shape {_fmt_shape(value)} has a negative dimension")
+        if d > _INT64_MAX:
+            raise InvalidArgument(f"{label}: shape {_fmt_shape(value)} has a dimension beyond the int64 range")
     return value
 
 
@@ -332,7 +338,12 @@ def _json_data_to_raw(data: Any, datatype: str, shape: list[int], label: str) ->
             if not isinstance(v, str):
                 raise InvalidArgument(f"{label}: BYTES data must be JSON strings, got {_json_type(v)} {_short(v)}")
         _check_count(len(flat), count, datatype, shape, label)
-        return serialize_bytes_tensor(np.array(flat, dtype=np.object_))
+        try:
+            return serialize_bytes_tensor(np.array(flat, dtype=np.object_))
+        except UnicodeEncodeError:  # a lone surrogate from a \udXXX escape: find it for the message
+            for i, v in enumerate(flat):
+                check_unicode(v, f"{label}: BYTES element {i}")
+            raise
     arr = _json_numeric(data, datatype, label)
     _check_count(arr.size, count, datatype, shape, label)
     return arr.tobytes()
@@ -432,6 +443,7 @@ def parse_infer_request(
         seen.add(name)
         datatype = _parse_datatype(item.get("datatype"), label)
         shape = _parse_shape(item.get("shape"), label)
+        _element_count(shape, label, numpy_dtype(datatype).itemsize)
 
         tensor = request.inputs.add()
         tensor.name = name
@@ -634,5 +646,12 @@ def render_infer_response(response: pb.ModelInferResponse, policy: OutputPolicy)
 
 
 def render_error(message: str) -> bytes:
-    """The HTTP error body ``{"error": message}`` as UTF-8 JSON."""
-    return json.dumps({"error": message}, ensure_ascii=False).encode("utf-8")
+    """The HTTP error body ``{"error": message}`` as UTF-8 JSON.
+
+    A message quoting client text that is not valid Unicode (a lone surrogate) is written with
+    ``\\uXXXX`` escapes instead, so rendering an error never fails.
+    """
+    try:
+        return json.dumps({"error": message}, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps({"error": message}).encode("ascii")

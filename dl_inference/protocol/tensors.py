@@ -29,6 +29,7 @@ from dl_inference.protocol.generated import grpc_service_pb2 as pb
 __all__ = [
     "ParameterValue",
     "build_response",
+    "check_unicode",
     "decode_inputs",
     "deserialize_bytes_tensor",
     "raw_to_numpy",
@@ -120,6 +121,11 @@ def deserialize_bytes_tensor(buf: bytes | memoryview, count: int, name: str) -> 
 def _deserialize_bytes(buf: bytes | memoryview, count: int, label: str) -> np.ndarray:
     view = memoryview(buf).cast("B") if isinstance(buf, memoryview) else buf
     total = len(view)
+    if count > total // 4:  # every element takes at least its 4-byte length: don't allocate for a lie
+        raise InvalidArgument(
+            f"{label}: BYTES data truncated: expected {count} elements, which take at least {4 * count} "
+            f"bytes, but the buffer has {total}"
+        )
     out = np.empty(count, dtype=np.object_)
     offset = 0
     unpack_from = _LEN.unpack_from
@@ -167,10 +173,20 @@ def tensor_to_raw(arr: np.ndarray, datatype: str) -> bytes:
     return arr.tobytes(order="C")
 
 
-def _element_count(shape: Sequence[int], label: str) -> int:
+def _element_count(shape: Sequence[int], label: str, itemsize: int = 8) -> int:
+    """prod(shape), after checking that numpy can hold an array of that shape and ``itemsize``.
+
+    numpy (and every backend) needs the product of the non-zero dimensions times the item size to
+    fit in a signed 64-bit integer, even when another dimension is 0 and the array is empty.
+    """
+    nonzero = 1
     for d in shape:
         if d < 0:
             raise InvalidArgument(f"{label}: shape {_fmt_shape(shape)} has a negative dimension")
+        if d:
+            nonzero *= d
+    if nonzero * itemsize > _INT64_MAX:
+        raise InvalidArgument(f"{label}: shape {_fmt_shape(shape)} is too large: its dimensions multiply beyond 2**63")
     return math.prod(shape)
 
 
@@ -190,10 +206,10 @@ def raw_to_numpy(
     if datatype not in V2_DATATYPES:
         raise InvalidArgument(f"{label}: unknown datatype '{datatype}', expected one of {', '.join(V2_DATATYPES)}")
     shape = tuple(int(d) for d in shape)
-    count = _element_count(shape, label)
+    dtype = numpy_dtype(datatype)
+    count = _element_count(shape, label, dtype.itemsize)
     if datatype == "BYTES":
         return _deserialize_bytes(raw, count, label).reshape(shape)
-    dtype = numpy_dtype(datatype)
     nbytes = raw.nbytes if isinstance(raw, memoryview) else len(raw)
     expected = count * dtype.itemsize
     if nbytes != expected:
@@ -217,7 +233,7 @@ def _contents_to_numpy(tensor: Any, label: str) -> np.ndarray:
     """Decode a tensor's typed ``contents`` (InferInputTensor or InferOutputTensor)."""
     datatype = tensor.datatype
     shape = tuple(tensor.shape)
-    count = _element_count(shape, label)
+    count = _element_count(shape, label, numpy_dtype(datatype).itemsize if datatype in V2_DATATYPES else 8)
     contents = tensor.contents
     present = [fd.name for fd, _ in contents.ListFields()]
     if datatype in ("FP16", "BF16"):
@@ -304,6 +320,9 @@ def set_parameter(target: Any, key: str, value: ParameterValue, context: str = "
     """
     if not isinstance(key, str):
         raise InvalidArgument(f"{context} names must be strings, got {type(key).__name__}")
+    check_unicode(key, f"{context} name")
+    if isinstance(value, str):
+        check_unicode(value, f"{context} {key!r}")
     param = target[key]
     if isinstance(value, bool):
         param.bool_param = value
@@ -324,6 +343,17 @@ def set_parameter(target: Any, key: str, value: ParameterValue, context: str = "
     else:
         del target[key]
         raise InvalidArgument(f"{context} '{key}': value must be a bool, number or string, got {type(value).__name__}")
+
+
+def check_unicode(text: str, what: str) -> None:
+    """InvalidArgument when ``text`` cannot be UTF-8 (a lone UTF-16 surrogate, which Python's JSON
+    decoder lets through from a ``\\udXXX`` escape); protobuf string fields refuse such text."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidArgument(
+            f"{what} is not valid Unicode: a lone UTF-16 surrogate \\u{ord(text[e.start]):04x} at character {e.start}"
+        ) from None
 
 
 def build_response(
