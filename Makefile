@@ -79,7 +79,7 @@ perf: install
 	$(PY) -m load_tests.perf $(PERF_ARGS)
 
 # Fault scenarios under open-loop load (SIGKILL a worker, SIGSTOP / cut off a node, SIGTERM the gateway,
-# 2x overload): one table in load_tests/results/faults.{json,txt}; ~7 min (faults-quick: ~2.5 min,
+# 2x overload): one table in load_tests/results/faults.{json,txt}; ~6 min (faults-quick: ~2.5 min,
 # results/faults_quick.*). E.g. make faults FAULTS_ARGS="--only overload,stop_node --rate 300"
 FAULTS_ARGS ?=
 faults: install

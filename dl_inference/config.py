@@ -30,6 +30,7 @@ class ServerSettings:
     # Largest request accepted on either transport; the default fits a 64 MiB tensor plus headers.
     max_request_bytes: int = 96 * 1024 * 1024
     max_json_depth: int = 64
+    body_idle_timeout_s: float = 10.0  # HTTP: a request body that sends nothing this long is refused (400)
     max_tensor_elements: int = 0  # per input tensor; 0: bounded only by max_request_bytes
     max_bytes_element: int = 0  # largest BYTES element in bytes; 0: bounded only by max_request_bytes
     # per-client request rate (clients keyed by token, else address): {requests_per_s, burst}; empty: off
@@ -85,6 +86,8 @@ class ServerSettings:
             )
         if self.max_request_bytes <= 0:
             raise InvalidArgument("max_request_bytes must be positive")
+        if self.body_idle_timeout_s <= 0:
+            raise InvalidArgument("body_idle_timeout_s must be positive")
         if self.max_tensor_elements < 0 or self.max_bytes_element < 0:
             raise InvalidArgument("max_tensor_elements and max_bytes_element must be >= 0 (0: no separate limit)")
         self.rate_limiter()

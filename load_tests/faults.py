@@ -46,6 +46,8 @@ time to eject | time to recover | notes), the distinct error messages, a verdict
 
 ``python -m load_tests.faults tcp-proxy --port P --target HOST:PORT`` is the TCP proxy ``cut_node``
 falls back to: SIGUSR1 stops forwarding (bytes are held, new connections wait), SIGUSR2 resumes.
+``python -m load_tests.faults grpc-stall [--max-pending N]`` stalls a bare grpc.aio echo server under
+load: what gRPC itself does with calls that arrive while a server's event loop is not running.
 """
 
 from __future__ import annotations
@@ -656,14 +658,17 @@ def first_dispatch(samples: Samples, endpoint: str, t_from: float) -> float | No
 SERIES_FIELDS = ("state", "requests", "inflight", "latency_ewma_ms", "effective_weight", "failures", "retries")
 
 
-def endpoint_series(samples: Samples, endpoint: str, t0: float) -> dict[str, Any]:
-    """One endpoint's rows over time, compact: {"fields": [...], "rows": [[t, ...], ...]}."""
-    rows = []
+def endpoint_series(samples: Samples, endpoint: str, t0: float, step: float = 0.25) -> dict[str, Any]:
+    """One endpoint's rows over time, compact: {"fields": [...], "rows": [[t, ...], ...]}: one sample
+    every ``step`` seconds, plus every sample where its state changed."""
+    rows: list[list[Any]] = []
+    last_t, last_state = -1e9, None
     for t, table in samples:
         row = table.get(endpoint)
-        if row is not None:
+        if row is not None and (t - last_t >= step - 1e-6 or row.get("state") != last_state):
             rows.append([round(t - t0, 3), *(row.get(f) for f in SERIES_FIELDS)])
-    return {"endpoint": endpoint, "fields": ["t", *SERIES_FIELDS], "rows": rows}
+            last_t, last_state = t, row.get("state")
+    return {"endpoint": endpoint, "step_s": step, "fields": ["t", *SERIES_FIELDS], "rows": rows}
 
 
 def state_changes(samples: Samples, t0: float) -> list[dict[str, Any]]:
@@ -832,6 +837,24 @@ def timeline(records: Sequence[Rec], t0: float, step: float = 1.0) -> list[dict[
             }
         )
     return out
+
+
+def to_json(obj: Any, indent: int = 0) -> str:
+    """JSON with dicts and lists of containers indented, but each dict or list of plain values on one
+    line: the per-request timelines and 50 ms endpoint series stay readable and small."""
+    pad, inner = " " * indent, " " * (indent + 1)
+
+    def flat(v: Any) -> bool:
+        return not isinstance(v, (dict, list)) or (
+            all(not isinstance(x, (dict, list)) for x in (v.values() if isinstance(v, dict) else v))
+        )
+
+    if flat(obj):
+        return json.dumps(obj, default=str)
+    if isinstance(obj, dict):
+        items = [f"{inner}{json.dumps(str(k))}: {to_json(v, indent + 1)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+    return "[\n" + ",\n".join(inner + to_json(v, indent + 1) for v in obj) + "\n" + pad + "]"
 
 
 def _round(v: float | None, digits: int = 3) -> float | None:
@@ -1504,6 +1527,87 @@ def tcp_proxy_main(argv: list[str]) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# a bare grpc.aio server under stalls: what gRPC itself does (no dl_inference code involved)
+
+
+async def echo_server(port: int, max_pending: int) -> None:
+    """A grpc.aio server answering every unary call with an empty message at once."""
+    import grpc
+
+    class Echo(grpc.GenericRpcHandler):
+        def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+            async def handler(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+                return b""
+
+            return grpc.unary_unary_rpc_method_handler(handler)
+
+    options = []
+    if max_pending:
+        options = [("grpc.server.max_pending_requests", max_pending),
+                   ("grpc.server.max_pending_requests_hard_limit", 3 * max_pending)]  # fmt: skip
+    server = grpc.aio.server(options=options)
+    server.add_generic_rpc_handlers((Echo(),))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    print("READY", flush=True)
+    await server.wait_for_termination()
+
+
+async def _grpc_stall(port: int, server_pid: int, rate: float, stalls: int, stall_s: float) -> dict[str, Any]:
+    sender = GrpcSender(f"127.0.0.1:{port}", b"x" * 100, 10.0)
+    await sender.open()
+    loop = OpenLoop(sender, rate, timeout=10.0)
+    loop.start()
+    await asyncio.sleep(5.0)
+    rss = [rss_bytes(server_pid)]
+    for _ in range(stalls):
+        os.kill(server_pid, signal.SIGSTOP)
+        await asyncio.sleep(stall_s)
+        os.kill(server_pid, signal.SIGCONT)
+        await asyncio.sleep(6.0)
+        rss.append(rss_bytes(server_pid))
+    await loop.stop()
+    await sender.close()
+    outcomes = collections.Counter(f"{r.outcome}: {r.message}" if r.message else r.outcome for r in loop.records)
+    return {"outcomes": dict(outcomes), "rss_mib_after_each_stall": [round((v or 0) / 2**20, 1) for v in rss]}
+
+
+def grpc_stall_main(argv: list[str]) -> int:
+    """``grpc-stall``: SIGSTOP a bare grpc.aio echo server for ``--stall-s`` several times under open-loop
+    load and report how the calls ended and its RSS after each stall; ``--max-pending`` sets
+    ``grpc.server.max_pending_requests`` (0: gRPC's default, 1000 with a hard limit of 3000)."""
+    p = argparse.ArgumentParser(prog="python -m load_tests.faults grpc-stall")
+    p.add_argument("--max-pending", type=int, default=0)
+    p.add_argument("--rate", type=float, default=1000.0)
+    p.add_argument("--stalls", type=int, default=6)
+    p.add_argument("--stall-s", type=float, default=1.5)
+    args = p.parse_args(argv)
+    port = free_port()
+    cmd = py("load_tests.faults", "echo-server", "--port", str(port), "--max-pending", str(args.max_pending))
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None
+        proc.stdout.readline()
+        out = run_coroutine(_grpc_stall(port, proc.pid, args.rate, args.stalls, args.stall_s))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGCONT)
+        proc.kill()
+        proc.wait()
+    print(json.dumps({"max_pending_requests": args.max_pending or "default (1000, hard limit 3000)", **out}))
+    return 0
+
+
+def echo_server_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m load_tests.faults echo-server")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--max-pending", type=int, default=0)
+    args = p.parse_args(argv)
+    asyncio.run(echo_server(args.port, args.max_pending))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # command line
 
 
@@ -1550,6 +1654,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["tcp-proxy"]:
         return tcp_proxy_main(argv[1:])
+    if argv[:1] == ["grpc-stall"]:
+        return grpc_stall_main(argv[1:])
+    if argv[:1] == ["echo-server"]:
+        return echo_server_main(argv[1:])
     args = build_parser().parse_args(argv)
     duration = args.duration if args.duration is not None else (15.0 if args.quick else 60.0)
     stem = "faults_quick" if args.quick else "faults"
@@ -1588,7 +1696,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     text = report_text(report)
     print("\n" + text)
-    for path, content in ((args.json, json.dumps(report, indent=1, default=str) + "\n"), (args.txt, text)):
+    for path, content in ((args.json, to_json(report) + "\n"), (args.txt, text)):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(content)
     print(f"wrote {args.json} and {args.txt}")

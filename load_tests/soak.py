@@ -56,6 +56,7 @@ from load_tests.faults import (
     example_model_file,
     rss_bytes,
     start_gateway,
+    to_json,
     tree_rss,
     write_simple_model,
 )
@@ -452,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     report["problems"] = soak_verdict(report)
     text = format_report(report)
     print("\n" + text)
-    for path, content in ((args.json, json.dumps(report, indent=1) + "\n"), (args.txt, text)):
+    for path, content in ((args.json, to_json(report) + "\n"), (args.txt, text)):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(content)
     print(f"wrote {args.json} and {args.txt}")

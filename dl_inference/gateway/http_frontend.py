@@ -6,13 +6,14 @@ Routes mirror KServe V2 / Triton. Errors are ``{"error": "..."}`` with the statu
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import http_exceptions, web, web_protocol
+from aiohttp import http_exceptions, http_parser, web, web_protocol
 
 from dl_inference.dataplane import DataPlane
 from dl_inference.errors import InvalidArgument, ServerError
@@ -107,6 +108,31 @@ def _handle_error_as_json(
 setattr(web_protocol.RequestHandler, "handle_error", _handle_error_as_json)  # noqa: B010
 
 
+def _deflate_eof_error_reaches_the_reader() -> None:
+    """aiohttp workaround: a ``deflate`` body whose stream does not end where the body does fails in
+    the parser only at the body's end (``DeflateBuffer.feed_eof``). When the request was already
+    handed to its handler (body in a later TCP segment than the headers), that error never reached
+    the handler's reader, which then waited for the rest of the body forever. Set the error on the
+    reader too, as aiohttp does for errors in the middle of a body: the handler answers 400."""
+    buffer_cls = getattr(http_parser, "DeflateBuffer", None)
+    original = getattr(buffer_cls, "feed_eof", None)
+    if original is None or getattr(original, "_dl_inference", False):
+        return
+
+    def feed_eof(self: Any) -> None:
+        try:
+            original(self)
+        except http_exceptions.ContentEncodingError as exc:
+            self.out.set_exception(web_protocol.RequestPayloadError(str(exc)), exc)
+            raise
+
+    feed_eof._dl_inference = True  # type: ignore[attr-defined]
+    setattr(buffer_cls, "feed_eof", feed_eof)  # noqa: B010
+
+
+_deflate_eof_error_reaches_the_reader()
+
+
 def _flag(ok: bool) -> web.Response:
     return web.Response(status=200 if ok else 400)
 
@@ -123,8 +149,10 @@ class HttpFrontend:
         access: AccessPolicy | None = None,
         control: str = "here",
         rate_limiter: RateLimiter | None = None,
+        body_idle_timeout_s: float = 10.0,
     ) -> None:
         self.dp = dp
+        self.body_idle_timeout_s = body_idle_timeout_s
         self.rate_limiter = rate_limiter
         self.max_request_bytes = max_request_bytes
         self.max_json_depth = max_json_depth
@@ -231,8 +259,30 @@ class HttpFrontend:
     async def stats(self, request: web.Request) -> web.Response:
         return _json(to_json(self.dp.model_statistics(*self._mv(request))))
 
+    async def _read_body(self, request: web.Request) -> bytes:
+        """The whole (decompressed) body, refused once it passes max_request_bytes (413) or when no
+        data arrives for ``body_idle_timeout_s`` (a stalled or never-ending body must not hold the
+        request, and its memory, forever: slow-client attacks, or a compressed body that the decoder
+        keeps waiting on)."""
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            try:
+                chunk = await asyncio.wait_for(request.content.readany(), self.body_idle_timeout_s)
+            except TimeoutError:
+                raise InvalidArgument(
+                    f"request body stalled: no data for {self.body_idle_timeout_s:g} s after {size} bytes "
+                    f"(setting body_idle_timeout_s)"
+                ) from None
+            if not chunk:
+                return b"".join(chunks)
+            size += len(chunk)
+            if size > self.max_request_bytes:
+                raise web.HTTPRequestEntityTooLarge(max_size=self.max_request_bytes, actual_size=size)
+            chunks.append(chunk)
+
     async def _body_json(self, request: web.Request) -> dict[str, Any]:
-        body = await request.read()
+        body = await self._read_body(request)
         if not body:
             return {}
         try:
@@ -298,7 +348,7 @@ class HttpFrontend:
 
     async def infer(self, request: web.Request) -> web.Response:
         name, version = self._mv(request)
-        body = await request.read()
+        body = await self._read_body(request)
         header = request.headers.get(HEADER_LENGTH)
         header_length = None
         raw_input = None

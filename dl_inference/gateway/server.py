@@ -50,7 +50,13 @@ async def serve(settings: ServerSettings) -> int:
     )
     await grpc_server.start()
     http = HttpFrontend(
-        dp, settings.max_request_bytes, settings.max_json_depth, access=access, control=control, rate_limiter=limiter
+        dp,
+        settings.max_request_bytes,
+        settings.max_json_depth,
+        access=access,
+        control=control,
+        rate_limiter=limiter,
+        body_idle_timeout_s=settings.body_idle_timeout_s,
     )
     grace = settings.stop_grace_s
     runners = [await _serve_http(http.app, settings.host, settings.http_port, "HTTP", grace, tls)]

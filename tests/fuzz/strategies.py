@@ -27,7 +27,6 @@ from dl_inference.protocol.tensors import serialize_bytes_tensor
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 INT64_MAX = 2**63 - 1
-FIXED_TYPES = tuple(t for t in V2_DATATYPES if t != "BYTES")
 
 # --------------------------------------------------------------------------------------------------
 # the property every parser must keep

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -10,6 +11,7 @@ from load_tests.faults import (
     LOST,
     OK,
     Rec,
+    endpoint_series,
     first_dispatch,
     first_state,
     format_table,
@@ -19,6 +21,7 @@ from load_tests.faults import (
     summarize,
     table_row,
     timeline,
+    to_json,
     verdict,
     write_simple_model,
 )
@@ -281,3 +284,19 @@ def test_rss_steps_line_up_with_what_happened() -> None:
     assert "20 s: +9.5 -> 110.0 MiB; peak in flight 1500, 40 new errors, client loop stall max 900 ms" in (
         format_report(report)
     )
+
+
+def test_endpoint_series_keeps_every_state_change() -> None:
+    series = endpoint_series(samples(), "b", t0=0.0, step=0.5)
+    assert series["fields"][:3] == ["t", "state", "requests"] and series["step_s"] == 0.5
+    times = [row[0] for row in series["rows"]]
+    assert times[:3] == [0.0, 0.5, 1.0] and 2.0 in times and 4.0 in times
+    assert all(row[1] in ("healthy", "unhealthy") for row in series["rows"])
+
+
+def test_to_json_round_trips_with_one_line_per_row() -> None:
+    obj = {"a": 1, "rows": [[0.0, "healthy", 3], [0.1, "down", 4]], "nested": {"x": [1, 2], "y": {"z": None}}}
+    text = to_json(obj)
+    assert json.loads(text) == obj
+    assert text.splitlines()[3] == '  [0.0, "healthy", 3],'
+    assert to_json({"x": 1, "y": "z"}) == '{"x": 1, "y": "z"}' and to_json([1, 2]) == "[1, 2]"
