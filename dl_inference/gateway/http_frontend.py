@@ -123,7 +123,9 @@ def _deflate_eof_error_reaches_the_reader() -> None:
         try:
             original(self)
         except http_exceptions.ContentEncodingError as exc:
-            self.out.set_exception(web_protocol.RequestPayloadError(str(exc)), exc)
+            error = web_protocol.RequestPayloadError(str(exc))
+            error.__cause__ = exc
+            self.out.set_exception(error, exc)
             raise
 
     feed_eof._dl_inference = True  # type: ignore[attr-defined]
@@ -218,6 +220,11 @@ class HttpFrontend:
             if exc.status >= 400:
                 return _error(exc.reason or str(exc), exc.status)
             raise
+        except ConnectionResetError:  # the client left before its body was complete: not a server fault
+            log.info("client closed the connection while sending %s %s", request.method, request.path)
+            response = _error("the client closed the connection before the request body was complete", 499)
+            response.force_close()
+            return response
         except Exception as exc:
             log.exception("unhandled error on %s %s", request.method, request.path)
             return _error(f"internal error: {exc}", 500)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import gzip
 import http.client
 import json
+import socket
+import time
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -400,6 +402,51 @@ def test_keep_alive_survives_a_body_that_does_not_decompress(
         doc = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 16], "data": [0.0] * 16}]}
         status, _, data = client.post("/v2/models/simple/infer", json.dumps(doc).encode(), {})
         assert status == 200, data
+
+
+def _raw_http(srv: RunningServer, head: bytes, body: bytes, pause: float = 0.3) -> tuple[bytes, float]:
+    """Send the request head, wait, send the body (the handler has started before the body
+    arrives); read the answer until the server closes the connection."""
+    with socket.create_connection(("127.0.0.1", srv.http_port)) as sock:
+        sock.settimeout(30)
+        sock.sendall(head)
+        time.sleep(pause)
+        start = time.monotonic()
+        sock.sendall(body)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        return answer, time.monotonic() - start
+
+
+@pytest.mark.parametrize("body", [b"[]", b"x\x9c", b"\x00\x01"])
+def test_deflate_body_after_the_headers_is_answered_at_once(fuzz_server: RunningServer, body: bytes) -> None:
+    """Regression (found by test_http_fuzz under load): a deflate body that ends before its stream
+    does, arriving after the handler started reading, left the handler waiting for more body forever
+    (aiohttp raised the error only inside its parser). Now it is a 400 at once, and the connection
+    is closed."""
+    head = (
+        f"POST /v2/models/simple/infer HTTP/1.1\r\nHost: x\r\nContent-Encoding: deflate\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    answer, seconds = _raw_http(fuzz_server, head, body)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer
+    assert seconds < 5, f"answered after {seconds:.1f} s"
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
+
+
+def test_client_leaving_mid_body_is_not_a_server_error(fuzz_server: RunningServer) -> None:
+    """Regression: a client that closed the connection before its body was complete was logged as an
+    unhandled server error with a traceback (and answered 500 to nobody)."""
+    with socket.create_connection(("127.0.0.1", fuzz_server.http_port)) as sock:
+        sock.sendall(b'POST /v2/models/simple/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"in')
+        time.sleep(0.3)
+    deadline = time.monotonic() + 10
+    while "client closed the connection" not in fuzz_server.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    log = fuzz_server.log()
+    assert "client closed the connection" in log
+    assert "Traceback" not in log, log[-3000:]
 
 
 def test_server_still_healthy_at_the_end(fuzz_server: RunningServer, specs: dict[str, list[TensorSpec]]) -> None:
