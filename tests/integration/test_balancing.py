@@ -257,7 +257,12 @@ def test_a_hung_local_worker_is_noticed_by_ping_and_its_requests_go_elsewhere(tm
 
 def test_killing_a_remote_node_under_load_loses_nothing(nodes: list[Process], repo: Path, tmp_path: Path) -> None:
     with run_node(repo, "scale", tmp_path / "victim.log") as victim:
-        config = {"nodes": [nodes[0].address, nodes[1].address, victim.address], "balancer": FAST_CHECKS}
+        # Every request frozen on the victim is retried at once when it dies: let the retry budget
+        # cover all six clients (the default allows 3 concurrent retries at this request rate).
+        config = {
+            "nodes": [nodes[0].address, nodes[1].address, victim.address],
+            "balancer": {**FAST_CHECKS, "min_retry_concurrency": 8},
+        }
         with gateway(tmp_path, config) as srv:
             with Traffic(srv.grpc_url, "scale", threads=6, x=X, client_timeout=5.0) as traffic:
                 time.sleep(1.0)
