@@ -1022,6 +1022,43 @@ def _count_in_log(server: Server, needle: str) -> int:
         return 0
 
 
+@dataclasses.dataclass
+class Load:
+    """Open-loop gRPC load on one model of a gateway, with its endpoint table polled."""
+
+    sender: GrpcSender
+    poller: EndpointPoller
+    loop: OpenLoop
+    watch: MachineWatch
+    t0: float
+
+    async def stop(self) -> None:
+        await self.loop.stop()
+        await self.poller.stop()
+        await self.sender.close()
+
+    def endpoint_report(self) -> dict[str, Any]:
+        """What every node/worker scenario reports about the gateway's endpoints."""
+        s, t0 = self.poller.samples, self.t0
+        return {
+            "endpoint_states": state_changes(s, t0),
+            "counters": self.poller.counters,
+            "series": [endpoint_series(s, name, t0) for name in sorted(s[-1][1])] if s else [],
+        }
+
+
+async def start_load(gw: Server, model: str, opts: Options) -> Load:
+    body, check = request_body(model)
+    sender = GrpcSender(gw.grpc_url, body, opts.request_timeout, check)
+    await sender.open()
+    assert gw.http_url is not None
+    poller = EndpointPoller(gw.http_url)
+    poller.start()
+    loop = OpenLoop(sender, opts.rate, timeout=opts.request_timeout)
+    watch = MachineWatch().start()
+    return Load(sender, poller, loop, watch, loop.start())
+
+
 def scenario_kill_worker(workdir: Path, opts: Options) -> dict[str, Any]:
     repo = workdir / "repo_pair"
     write_simple_model(repo, "pair", example_model_file(workdir), instances=2, sleep_ms_per_batch=opts.batch_sleep_ms)
@@ -1031,16 +1068,8 @@ def scenario_kill_worker(workdir: Path, opts: Options) -> dict[str, Any]:
 
 
 async def _kill_worker(gw: Server, opts: Options) -> dict[str, Any]:
-    body, check = request_body("pair")
-    sender = GrpcSender(gw.grpc_url, body, opts.request_timeout, check)
-    await sender.open()
-    assert gw.http_url is not None
-    poller = EndpointPoller(gw.http_url)
-    poller.start()
-    loop = OpenLoop(sender, opts.rate, timeout=opts.request_timeout)
-    D = opts.duration
-    watch = MachineWatch().start()
-    t0 = loop.start()
+    load = await start_load(gw, "pair", opts)
+    loop, poller, watch, t0, D = load.loop, load.poller, load.watch, load.t0, opts.duration
     notes: list[str] = []
     problems: list[str] = []
     await _sleep_until(t0 + 0.3 * D)
@@ -1068,9 +1097,7 @@ async def _kill_worker(gw: Server, opts: Options) -> dict[str, Any]:
         if t_back is None:
             t_back = first_state(poller.samples, endpoint, t_pid or t_kill, healthy=True)
     await _sleep_until(t0 + D)
-    await loop.stop()
-    await poller.stop()
-    await sender.close()
+    await load.stop()
     s = poller.samples
     t_down = first_state(s, endpoint, t_kill, healthy=False)
     t_traffic = first_dispatch(s, endpoint, t_back) if t_back is not None else None
@@ -1090,8 +1117,7 @@ async def _kill_worker(gw: Server, opts: Options) -> dict[str, Any]:
         time_to_eject_s=secs(t_down, t_kill), time_to_recover_s=secs(t_traffic, t_kill),
         events={"kill": secs(t_kill, t0), "new_pid": secs(t_pid, t0), "healthy": secs(t_back, t0),
                 "traffic_again": secs(t_traffic, t0)},
-        endpoint_states=state_changes(s, t0), resent=resent, counters=poller.counters,
-        series=[endpoint_series(s, name, t0) for name in sorted(s[-1][1])] if s else [],
+        resent=resent, **load.endpoint_report(),
     )  # fmt: skip
 
 
@@ -1102,7 +1128,8 @@ class Cut:
         self.what, self.down, self.up = what, down, up
 
 
-def _sh(*cmd: str) -> None:
+def run_cmd(*cmd: str) -> None:
+    """Run a command (ip ...), raising on failure; output captured."""
     subprocess.run(cmd, check=True, capture_output=True, timeout=10)
 
 
@@ -1114,7 +1141,7 @@ def netns_available() -> str | None:
         return "no ip command"
     name = f"dlf{os.getpid() % 100000}t"
     try:
-        _sh("ip", "netns", "add", name)
+        run_cmd("ip", "netns", "add", name)
     except (subprocess.CalledProcessError, OSError) as exc:
         return f"ip netns add failed: {exc}"
     subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
@@ -1122,21 +1149,23 @@ def netns_available() -> str | None:
 
 
 @contextlib.contextmanager
-def network_namespace() -> Iterator[tuple[str, str, str]]:
-    """(namespace, node-side veth, node address): as tests/integration/test_balancing_netns.py."""
+def network_namespace(prefix: str = "dlf", net: int = 202) -> Iterator[tuple[str, str, str]]:
+    """(namespace, node-side veth, node address inside the namespace): a namespace joined to this
+    one by a veth pair on 10.<net>.x.0/24; taking the node's end down cuts the node off.
+    Also used by tests/integration/test_balancing_netns.py (with its own prefix and net)."""
     tag = f"{os.getpid() % 100000}"
-    ns, host_if, node_if = f"dlf{tag}", f"dlfh{tag}", f"dlfn{tag}"
+    ns, host_if, node_if = f"{prefix}{tag}", f"{prefix}h{tag}", f"{prefix}n{tag}"
     subnet = 100 + os.getpid() % 100
-    host_ip, node_ip = f"10.202.{subnet}.1", f"10.202.{subnet}.2"
-    _sh("ip", "netns", "add", ns)
+    host_ip, node_ip = f"10.{net}.{subnet}.1", f"10.{net}.{subnet}.2"
+    run_cmd("ip", "netns", "add", ns)
     try:
-        _sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", node_if)
-        _sh("ip", "link", "set", node_if, "netns", ns)
-        _sh("ip", "addr", "add", f"{host_ip}/24", "dev", host_if)
-        _sh("ip", "link", "set", host_if, "up")
-        _sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{node_ip}/24", "dev", node_if)
-        _sh("ip", "netns", "exec", ns, "ip", "link", "set", node_if, "up")
-        _sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
+        run_cmd("ip", "link", "add", host_if, "type", "veth", "peer", "name", node_if)
+        run_cmd("ip", "link", "set", node_if, "netns", ns)
+        run_cmd("ip", "addr", "add", f"{host_ip}/24", "dev", host_if)
+        run_cmd("ip", "link", "set", host_if, "up")
+        run_cmd("ip", "netns", "exec", ns, "ip", "addr", "add", f"{node_ip}/24", "dev", node_if)
+        run_cmd("ip", "netns", "exec", ns, "ip", "link", "set", node_if, "up")
+        run_cmd("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
         yield ns, node_if, node_ip
     finally:
         subprocess.run(["ip", "link", "del", host_if], capture_output=True, timeout=10)
@@ -1183,8 +1212,8 @@ def scenario_cut_node(workdir: Path, opts: Options) -> dict[str, Any]:
             address = victim.grpc_url
             cut = Cut(
                 f"veth link of node {address} (namespace {ns}) down",
-                lambda: _sh("ip", "netns", "exec", ns, "ip", "link", "set", node_if, "down"),
-                lambda: _sh("ip", "netns", "exec", ns, "ip", "link", "set", node_if, "up"),
+                lambda: run_cmd("ip", "netns", "exec", ns, "ip", "link", "set", node_if, "down"),
+                lambda: run_cmd("ip", "netns", "exec", ns, "ip", "link", "set", node_if, "up"),
             )
             stack.callback(lambda: subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", node_if, "up"],
                                                   capture_output=True, timeout=10))  # fmt: skip
@@ -1211,16 +1240,8 @@ def scenario_cut_node(workdir: Path, opts: Options) -> dict[str, Any]:
 
 
 async def _node_fault(scenario: str, gw: Server, address: str, cut: Cut, opts: Options) -> dict[str, Any]:
-    body, check = request_body("simple")
-    sender = GrpcSender(gw.grpc_url, body, opts.request_timeout, check)
-    await sender.open()
-    assert gw.http_url is not None
-    poller = EndpointPoller(gw.http_url)
-    poller.start()
-    loop = OpenLoop(sender, opts.rate, timeout=opts.request_timeout)
-    D = opts.duration
-    watch = MachineWatch().start()
-    t0 = loop.start()
+    load = await start_load(gw, "simple", opts)
+    loop, poller, watch, t0, D = load.loop, load.poller, load.watch, load.t0, opts.duration
     notes: list[str] = []
     problems: list[str] = []
     await _sleep_until(t0 + 0.25 * D)
@@ -1232,9 +1253,7 @@ async def _node_fault(scenario: str, gw: Server, address: str, cut: Cut, opts: O
     t_up = clock()
     await asyncio.to_thread(cut.up)
     await _sleep_until(t0 + D)
-    await loop.stop()
-    await poller.stop()
-    await sender.close()
+    await load.stop()
     s = poller.samples
     t_unhealthy = first_state(s, address, t_down, healthy=False)
     t_stop = last_dispatch(s, address, t_down, t_up)
@@ -1262,9 +1281,8 @@ async def _node_fault(scenario: str, gw: Server, address: str, cut: Cut, opts: O
         time_to_eject_s=secs(t_stop, t_down), time_to_recover_s=secs(t_traffic, t_up),
         events={"fault": secs(t_down, t0), "last_dispatch": secs(t_stop, t0), "unhealthy": secs(t_unhealthy, t0),
                 "restore": secs(t_up, t0), "healthy": secs(t_healthy, t0), "traffic_again": secs(t_traffic, t0)},
-        endpoint_states=state_changes(s, t0), resent=resent, counters=poller.counters,
+        resent=resent, **load.endpoint_report(),
         during_fault={"sent": len(during), "failed": failed_during, "slowest_ok_ms": _round(slow_during)},
-        series=[endpoint_series(s, name, t0) for name in sorted(s[-1][1])] if s else [],
     )  # fmt: skip
 
 

@@ -9,9 +9,6 @@ are not installed on the development machines; a link down is the cut-off availa
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -20,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from load_tests.faults import netns_available, network_namespace, run_cmd
 from tests.integration.models import scale_model
 from tests.integration.server import Process, run_node
 from tests.integration.test_balancing import FAST_CHECKS, endpoints, gateway
@@ -28,35 +26,14 @@ from tests.integration.traffic import Traffic, wait_for
 X = np.arange(4, dtype=np.float32).reshape(1, 4)
 
 
-def _sh(*cmd: str) -> None:
-    subprocess.run(cmd, check=True, capture_output=True, timeout=10)
-
-
 @pytest.fixture
 def namespace() -> Iterator[tuple[str, str, str]]:
     """(namespace, node-side veth, node address inside the namespace)."""
-    if os.geteuid() != 0 or not shutil.which("ip"):
-        pytest.skip("network namespaces need root and ip")
-    tag = f"{os.getpid() % 100000}"
-    ns, host_if, node_if = f"dli{tag}", f"dlh{tag}", f"dln{tag}"
-    subnet = 100 + os.getpid() % 100
-    host_ip, node_ip = f"10.201.{subnet}.1", f"10.201.{subnet}.2"
-    try:
-        _sh("ip", "netns", "add", ns)
-    except (subprocess.CalledProcessError, OSError) as exc:
-        pytest.skip(f"cannot create a network namespace here: {exc}")
-    try:
-        _sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", node_if)
-        _sh("ip", "link", "set", node_if, "netns", ns)
-        _sh("ip", "addr", "add", f"{host_ip}/24", "dev", host_if)
-        _sh("ip", "link", "set", host_if, "up")
-        _sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{node_ip}/24", "dev", node_if)
-        _sh("ip", "netns", "exec", ns, "ip", "link", "set", node_if, "up")
-        _sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
-        yield ns, node_if, node_ip
-    finally:
-        subprocess.run(["ip", "link", "del", host_if], capture_output=True, timeout=10)
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+    why = netns_available()
+    if why is not None:
+        pytest.skip(f"cannot create a network namespace here: {why}")
+    with network_namespace(prefix="dli", net=201) as created:
+        yield created
 
 
 def test_a_node_cut_off_by_the_network_is_ejected_and_nothing_fails(
@@ -79,12 +56,12 @@ def test_a_node_cut_off_by_the_network_is_ejected_and_nothing_fails(
         with Traffic(srv.grpc_url, "scale", threads=6, x=X, client_timeout=deadline_s) as traffic:
             time.sleep(1.0)
             assert endpoints(srv)[remote.address]["requests"] > 0
-            _sh("ip", "netns", "exec", ns, "ip", "link", "set", node_if, "down")
+            run_cmd("ip", "netns", "exec", ns, "ip", "link", "set", node_if, "down")
             try:
                 cut_off = wait_for(lambda: endpoints(srv)[remote.address]["state"] != "healthy", 10)
                 time.sleep(deadline_s + 1)
             finally:
-                _sh("ip", "netns", "exec", ns, "ip", "link", "set", node_if, "up")
+                run_cmd("ip", "netns", "exec", ns, "ip", "link", "set", node_if, "up")
             back = wait_for(lambda: endpoints(srv)[remote.address]["state"] == "healthy", 15)
             time.sleep(0.5)
         assert cut_off < 2.0, f"cut-off node taken out after {cut_off:.2f} s"
