@@ -128,6 +128,7 @@ _REGISTRY: dict[str, str] = {
     "caffe": "dl_inference.backends.caffe_backend:CaffeBackend",
     "pytorch": "dl_inference.backends.pytorch_backend:PyTorchBackend",
     "tensorrt": "dl_inference.backends.tensorrt_backend:TensorRTBackend",
+    "tensorflow": "dl_inference.backends.tensorflow_backend:TensorFlowBackend",
 }
 # Triton platform names and other spellings -> registry name.
 _ALIASES: dict[str, str] = {
@@ -137,6 +138,7 @@ _ALIASES: dict[str, str] = {
     "libtorch": "pytorch",
     "torch": "pytorch",
     "tensorrt_plan": "tensorrt",
+    "tensorflow_savedmodel": "tensorflow",
 }
 
 

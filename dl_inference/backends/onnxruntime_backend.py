@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import ml_dtypes
@@ -35,8 +34,16 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from dl_inference.backends.base import Backend, parameter_bool, parameter_int
+from dl_inference.backends.tensor_specs import (
+    IOSpec,
+    ModelTensor,
+    complete_io,
+    io_spec,
+    model_feed,
+    requested_outputs,
+    reshape,
+)
 from dl_inference.errors import InternalError, InvalidArgument, NotFound, ServerError, Unavailable
-from dl_inference.protocol.datatypes import config_to_v2, numpy_dtype, v2_to_config
 from dl_inference.protocol.generated import model_config_pb2 as mc
 
 logger = logging.getLogger(__name__)
@@ -44,7 +51,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["OnnxRuntimeBackend", "onnx_type_to_v2"]
 
 DEFAULT_MODEL_FILENAME = "model.onnx"
-DEFAULT_MAX_BATCH_SIZE = 8
 _BF16_AS_FP32_SUFFIX = "__dl_inference_bf16_as_fp32"
 _ONNX_BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16
 
@@ -71,40 +77,7 @@ def onnx_type_to_v2(ort_type: str) -> str | None:
     return _ORT_TYPE_TO_V2.get(ort_type)
 
 
-@dataclass(frozen=True)
-class _ModelTensor:
-    """A tensor as the ONNX model declares it. ``shape`` uses -1 for dynamic dimensions."""
-
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-
-    @property
-    def batchable(self) -> bool:
-        return len(self.shape) >= 1 and self.shape[0] == -1
-
-
-@dataclass(frozen=True)
-class _IOSpec:
-    """A tensor as served: ``shape`` is the client-side shape (batch dim -1 first when batching);
-    ``model_shape`` is the shape the model sees when the config has a ``reshape``, else None."""
-
-    name: str
-    datatype: str
-    dtype: np.dtype
-    shape: tuple[int, ...]
-    model_shape: tuple[int, ...] | None
-
-
-def _shape_str(shape: Sequence[int]) -> str:
-    return "[" + ",".join(str(d) for d in shape) + "]"
-
-
-def _dims_compatible(a: Sequence[int], b: Sequence[int]) -> bool:
-    return len(a) == len(b) and all(x == -1 or y == -1 or x == y for x, y in zip(a, b, strict=True))
-
-
-def _model_tensor(arg: ort.NodeArg, kind: str, model_name: str) -> _ModelTensor:
+def _model_tensor(arg: ort.NodeArg, kind: str, model_name: str) -> ModelTensor:
     name = arg.name
     ort_type = arg.type
     datatype = onnx_type_to_v2(ort_type)
@@ -113,7 +86,7 @@ def _model_tensor(arg: ort.NodeArg, kind: str, model_name: str) -> _ModelTensor:
             f"model '{model_name}': {kind} '{name}' has ONNX type {ort_type}, which has no V2 datatype"
         )
     shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or []))
-    return _ModelTensor(name, datatype, shape)
+    return ModelTensor(name, datatype, shape)
 
 
 def _ort_error(exc: Exception, what: str) -> ServerError:
@@ -136,8 +109,8 @@ class OnnxRuntimeBackend(Backend):
     def __init__(self) -> None:
         self._session: ort.InferenceSession | None = None
         self._config: mc.ModelConfig | None = None
-        self._inputs: dict[str, _IOSpec] = {}
-        self._outputs: dict[str, _IOSpec] = {}
+        self._inputs: dict[str, IOSpec] = {}
+        self._outputs: dict[str, IOSpec] = {}
         self._batching = False
         # config output name -> session output name, for BF16 outputs cast to FP32 in the graph.
         self._bf16_outputs: dict[str, str] = {}
@@ -196,8 +169,8 @@ class OnnxRuntimeBackend(Backend):
         self._config = completed
         self._bf16_outputs = bf16_map
         self._batching = completed.max_batch_size > 0
-        self._inputs = {t.name: self._io_spec(t) for t in completed.input}
-        self._outputs = {t.name: self._io_spec(t) for t in completed.output}
+        self._inputs = {t.name: io_spec(t, self._batching) for t in completed.input}
+        self._outputs = {t.name: io_spec(t, self._batching) for t in completed.output}
         self._providers = list(session.get_providers())
         logger.info(
             "model '%s': loaded %s with providers %s (max_batch_size %d, intra-op threads %d)",
@@ -286,125 +259,7 @@ class OnnxRuntimeBackend(Backend):
             config.backend = "onnxruntime"
         if not config.platform:
             config.platform = "onnxruntime_onnx"
-
-        for kind, entries, model in (
-            ("input", config.input, model_inputs),
-            ("output", config.output, model_outputs),
-        ):
-            seen: set[str] = set()
-            for entry in entries:
-                if not entry.name:
-                    raise InvalidArgument(f"model '{name}': an {kind} in the config has no name")
-                if entry.name in seen:
-                    raise InvalidArgument(
-                        f"model '{name}': {kind} '{entry.name}' is listed twice in the config"
-                    )
-                seen.add(entry.name)
-                if entry.name not in model:
-                    raise InvalidArgument(
-                        f"model '{name}': config {kind} '{entry.name}' is not an {kind} of the model; "
-                        f"the model's {kind}s are: {', '.join(model)}"
-                    )
-
-        exposed_outputs = [model_outputs[o.name] for o in config.output] or list(model_outputs.values())
-        batchable = all(t.batchable for t in [*model_inputs.values(), *exposed_outputs])
-
-        if config.max_batch_size < 0:
-            raise InvalidArgument(f"model '{name}': max_batch_size must be >= 0, got {config.max_batch_size}")
-        if (
-            config.max_batch_size == 0
-            and batchable
-            and self._config_hints_batching(config, model_inputs, model_outputs)
-        ):
-            config.max_batch_size = parameter_int(
-                config, "default_max_batch_size", DEFAULT_MAX_BATCH_SIZE, minimum=1
-            )
-            logger.info(
-                "model '%s': every input and output has a dynamic first dimension; max_batch_size set to %d",
-                name,
-                config.max_batch_size,
-            )
-        if config.max_batch_size > 0 and not batchable:
-            bad = next(t for t in [*model_inputs.values(), *exposed_outputs] if not t.batchable)
-            raise InvalidArgument(
-                f"model '{name}': max_batch_size is {config.max_batch_size} but tensor '{bad.name}' "
-                f"has shape {_shape_str(bad.shape)}; batching needs a dynamic first dimension (-1) "
-                "on every input and output"
-            )
-        batching = config.max_batch_size > 0
-
-        listed = {t.name for t in config.input}
-        for tensor in model_inputs.values():
-            if tensor.name not in listed:
-                if listed:
-                    logger.info("model '%s': adding input '%s' missing from the config", name, tensor.name)
-                config.input.add(name=tensor.name)
-        if not config.output:
-            for tensor in model_outputs.values():
-                config.output.add(name=tensor.name)
-        for inp in config.input:
-            self._complete_tensor(name, "input", inp, model_inputs[inp.name], batching)
-        for out in config.output:
-            self._complete_tensor(name, "output", out, model_outputs[out.name], batching)
-
-    @staticmethod
-    def _config_hints_batching(
-        config: mc.ModelConfig, model_inputs: dict[str, _ModelTensor], model_outputs: dict[str, _ModelTensor]
-    ) -> bool:
-        """With max_batch_size 0, dims written in the config tell whether they include the batch:
-        a tensor whose dims have the model's full rank means the operator wants no batching."""
-        for entry, model in [(i, model_inputs) for i in config.input] + [
-            (o, model_outputs) for o in config.output
-        ]:
-            if entry.dims or entry.HasField("reshape"):
-                rank = len(entry.reshape.shape) if entry.HasField("reshape") else len(entry.dims)
-                if rank >= len(model[entry.name].shape):
-                    return False
-        return True
-
-    @staticmethod
-    def _complete_tensor(
-        model_name: str,
-        kind: str,
-        entry: mc.ModelInput | mc.ModelOutput,
-        tensor: _ModelTensor,
-        batching: bool,
-    ) -> None:
-        if entry.data_type == mc.TYPE_INVALID:
-            entry.data_type = mc.DataType.Value(v2_to_config(tensor.datatype))
-        else:
-            configured = config_to_v2(mc.DataType.Name(entry.data_type))
-            if configured != tensor.datatype:
-                raise InvalidArgument(
-                    f"model '{model_name}': {kind} '{entry.name}': config data_type "
-                    f"{mc.DataType.Name(entry.data_type)} does not match the model's "
-                    f"{v2_to_config(tensor.datatype)}"
-                )
-        model_item_shape = tensor.shape[1:] if batching else tensor.shape
-        if not entry.dims and not entry.HasField("reshape"):
-            if model_item_shape:
-                entry.dims.extend(model_item_shape)
-            else:  # per-item scalar of a batching model: Triton spells it dims [1] + reshape []
-                entry.dims.append(1)
-                entry.reshape.SetInParent()
-            return
-        if not entry.dims and entry.HasField("reshape"):
-            entry.dims.extend(entry.reshape.shape or [1])
-        target = list(entry.reshape.shape) if entry.HasField("reshape") else list(entry.dims)
-        full = ([-1] if batching else []) + target
-        if not _dims_compatible(full, tensor.shape):
-            described = "reshape" if entry.HasField("reshape") else "dims"
-            with_batch = f" (with the batch dimension: {_shape_str(full)})" if batching else ""
-            raise InvalidArgument(
-                f"model '{model_name}': {kind} '{entry.name}': config {described} "
-                f"{_shape_str(target)}{with_batch} do not match the model's shape {_shape_str(tensor.shape)}"
-            )
-
-    def _io_spec(self, entry: mc.ModelInput | mc.ModelOutput) -> _IOSpec:
-        datatype = config_to_v2(mc.DataType.Name(entry.data_type))
-        batch = (-1,) if self._batching else ()
-        model_shape = batch + tuple(entry.reshape.shape) if entry.HasField("reshape") else None
-        return _IOSpec(entry.name, datatype, numpy_dtype(datatype), batch + tuple(entry.dims), model_shape)
+        complete_io(config, model_inputs, model_outputs)
 
     # --- infer -----------------------------------------------------------------------------------
 
@@ -415,37 +270,9 @@ class OnnxRuntimeBackend(Backend):
             raise Unavailable("onnxruntime backend: no model loaded")
         model_name = self.config.name
 
-        unknown = [n for n in inputs if n not in self._inputs]
-        if unknown:
-            raise InvalidArgument(
-                f"model '{model_name}': unknown input '{unknown[0]}'; inputs are: {', '.join(self._inputs)}"
-            )
-        feed: dict[str, object] = {}
-        batch_size: int | None = None
-        for spec in self._inputs.values():
-            if spec.name not in inputs:
-                raise InvalidArgument(f"model '{model_name}': missing input '{spec.name}'")
-            array = np.asarray(inputs[spec.name])
-            self._check_input(model_name, spec, array)
-            if self._batching:
-                if batch_size is None:
-                    batch_size = array.shape[0]
-                elif array.shape[0] != batch_size:
-                    raise InvalidArgument(
-                        f"model '{model_name}': input '{spec.name}' has batch size {array.shape[0]}, "
-                        f"other inputs have {batch_size}"
-                    )
-            if spec.model_shape is not None:
-                array = self._reshape(model_name, "input", spec.name, array, spec.model_shape)
-            feed[spec.name] = self._to_ort(model_name, spec, array)
-
-        requested = list(output_names) or list(self._outputs)
-        for out_name in requested:
-            if out_name not in self._outputs:
-                raise InvalidArgument(
-                    f"model '{model_name}': unknown output '{out_name}'; "
-                    f"outputs are: {', '.join(self._outputs)}"
-                )
+        checked = model_feed(model_name, inputs, self._inputs, self._batching)
+        feed = {n: self._to_ort(model_name, self._inputs[n], a) for n, a in checked.items()}
+        requested = requested_outputs(model_name, output_names, self._outputs)
         session_names = [self._bf16_outputs.get(n, n) for n in requested]
         try:
             results = session.run(session_names, feed)
@@ -457,45 +284,12 @@ class OnnxRuntimeBackend(Backend):
             spec = self._outputs[out_name]
             array = self._from_ort(model_name, spec, value)
             if spec.model_shape is not None:
-                array = self._reshape(model_name, "output", out_name, array, spec.shape)
+                array = reshape(model_name, "output", out_name, array, spec.shape)
             outputs[out_name] = array
         return outputs
 
     @staticmethod
-    def _check_input(model_name: str, spec: _IOSpec, array: np.ndarray) -> None:
-        if spec.datatype == "BYTES":
-            ok = array.dtype.kind in "OSU"
-        else:
-            ok = array.dtype == spec.dtype
-        if not ok:
-            got = "BF16" if array.dtype == ml_dtypes.bfloat16 else str(array.dtype)
-            raise InvalidArgument(
-                f"model '{model_name}': input '{spec.name}': expected datatype {spec.datatype} "
-                f"(numpy {spec.dtype}), got numpy {got}"
-            )
-        if not _dims_compatible(spec.shape, array.shape):
-            raise InvalidArgument(
-                f"model '{model_name}': input '{spec.name}': expected shape {_shape_str(spec.shape)}, "
-                f"got {_shape_str(array.shape)}"
-            )
-
-    @staticmethod
-    def _reshape(
-        model_name: str, kind: str, name: str, array: np.ndarray, shape: tuple[int, ...]
-    ) -> np.ndarray:
-        target = list(shape)
-        if target and target[0] == -1 and array.ndim > 0:
-            target[0] = array.shape[0]
-        try:
-            return array.reshape(target)
-        except ValueError as exc:
-            raise InvalidArgument(
-                f"model '{model_name}': {kind} '{name}' of shape {_shape_str(array.shape)} "
-                f"cannot be reshaped to {_shape_str(shape)}: {exc}"
-            ) from None
-
-    @staticmethod
-    def _to_ort(model_name: str, spec: _IOSpec, array: np.ndarray) -> object:
+    def _to_ort(model_name: str, spec: IOSpec, array: np.ndarray) -> object:
         if spec.datatype == "BF16":
             bits = np.ascontiguousarray(array).view(np.uint16)
             return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bits, onnx_element_type=_ONNX_BFLOAT16)
@@ -503,7 +297,7 @@ class OnnxRuntimeBackend(Backend):
             return _bytes_to_str_array(model_name, spec.name, array)
         return array
 
-    def _from_ort(self, model_name: str, spec: _IOSpec, value: object) -> np.ndarray:
+    def _from_ort(self, model_name: str, spec: IOSpec, value: object) -> np.ndarray:
         array = np.asarray(value)
         if spec.datatype == "BYTES":
             return _str_to_bytes_array(array)
@@ -511,8 +305,7 @@ class OnnxRuntimeBackend(Backend):
             return array.astype(ml_dtypes.bfloat16)  # FP32 from the in-graph Cast: exact
         if array.dtype != spec.dtype:
             raise InternalError(
-                f"model '{model_name}': output '{spec.name}' came back as {array.dtype}, "
-                f"expected {spec.dtype}"
+                f"model '{model_name}': output '{spec.name}' came back as {array.dtype}, expected {spec.dtype}"
             )
         return array
 
@@ -545,8 +338,7 @@ def _bytes_to_str_array(model_name: str, name: str, array: np.ndarray) -> np.nda
             out[i] = item
         else:
             raise InvalidArgument(
-                f"model '{model_name}': input '{name}': BYTES element {i} is a {type(item).__name__}, "
-                "expected bytes"
+                f"model '{model_name}': input '{name}': BYTES element {i} is a {type(item).__name__}, expected bytes"
             )
     return out.reshape(array.shape)
 
@@ -574,16 +366,11 @@ def _cast_bf16_outputs(model_path: Path, outputs: Sequence[str]) -> tuple[bytes,
     mapping: dict[str, str] = {}
     wanted = set(outputs)
     for value_info in graph.output:
-        if (
-            value_info.name not in wanted
-            or value_info.type.tensor_type.elem_type != onnx.TensorProto.BFLOAT16
-        ):
+        if value_info.name not in wanted or value_info.type.tensor_type.elem_type != onnx.TensorProto.BFLOAT16:
             continue
         new_name = value_info.name + _BF16_AS_FP32_SUFFIX
         graph.node.append(
-            onnx.helper.make_node(
-                "Cast", [value_info.name], [new_name], to=onnx.TensorProto.FLOAT, name=new_name
-            )
+            onnx.helper.make_node("Cast", [value_info.name], [new_name], to=onnx.TensorProto.FLOAT, name=new_name)
         )
         mapping[value_info.name] = new_name
         value_info.name = new_name
@@ -591,8 +378,6 @@ def _cast_bf16_outputs(model_path: Path, outputs: Sequence[str]) -> tuple[bytes,
     try:
         data = model.SerializeToString()
     except ValueError as exc:  # > 2 GiB
-        raise InvalidArgument(
-            f"model {model_path}: cannot serve BF16 outputs of a model this large: {exc}"
-        ) from exc
+        raise InvalidArgument(f"model {model_path}: cannot serve BF16 outputs of a model this large: {exc}") from exc
     logger.info("model %s: BF16 outputs %s are cast to FP32 in the graph", model_path, sorted(mapping))
     return data, mapping
