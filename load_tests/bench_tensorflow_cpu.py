@@ -1,0 +1,350 @@
+"""ResNet-50 (Keras architecture, random weights) as a SavedModel on CPU, served: stock TensorFlow, oneDNN
+forced off and on, Intel Extension for TensorFlow, and the same model converted to ONNX Runtime.
+
+What it does:
+
+1. builds ``keras.applications.ResNet50(weights=None)`` with a fixed seed in a subprocess and saves it
+   as a SavedModel whose ``serving_default`` signature takes ``images`` FP32 [-1,224,224,3] and gives
+   ``probs`` FP32 [-1,1000]; converts it with ``dl-inference convert tf-to-onnx`` (parity-checked);
+2. writes a repository with one model per variant, each ``max_batch_size: 8`` without dynamic batching
+   (a request is a batch), one KIND_CPU instance using ``--threads`` threads (default: every CPU this
+   process may use):
+
+   - ``tf_default``: TensorFlow as installed, oneDNN left to TensorFlow's own choice for this CPU;
+   - ``tf_onednn_off`` / ``tf_onednn_on``: parameter ``onednn`` off / on (``TF_ENABLE_ONEDNN_OPTS``);
+   - ``tf_itex``: ``worker_environment: itex``: the worker runs TensorFlow 2.15 + Intel Extension for
+     TensorFlow from ``.venv-itex`` (``make itex-env``); left out, and said so, when it is missing;
+   - ``onnxruntime``: the converted ``model.onnx`` on ONNX Runtime's CPU provider;
+
+3. starts one server (``--model-control-mode explicit``), loads every variant, then for ``--rounds``
+   rounds, in an order rotated each round (so slow drift of this shared machine falls on all alike),
+   runs ``load_tests.loadgen`` over gRPC at concurrency 1 with 1 and 8 images per request;
+4. prints the median table (variant | images/request | images/s | p50 | p99) and the ratios against
+   ``tf_onednn_off``, the closest thing here to the seed's "TensorFlow without MKL"; writes
+   ``<out-dir>/bench_tensorflow_cpu.{json,txt}`` as it goes.
+
+Run (about 10 minutes with the defaults on a 2-core VM)::
+
+    make bench-tensorflow-cpu                                  # = python -m load_tests.bench_tensorflow_cpu
+    python -m load_tests.bench_tensorflow_cpu --rounds 1 --duration 5 --variants tf_default,onnxruntime
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from load_tests.bench_pytorch_gpu import Output, format_table, load_model, measure, summary_row
+from load_tests.bench_tiny import (
+    REPO_ROOT,
+    BenchError,
+    free_port,
+    machine_info,
+    ours_command,
+    ratio,
+    sigterm_as_interrupt,
+    start_server,
+    stop_server,
+    wait_ready,
+)
+
+VARIANTS = ("tf_default", "tf_onednn_off", "tf_onednn_on", "tf_itex", "onnxruntime")
+BASELINE = "tf_onednn_off"
+ITEX_PYTHON = REPO_ROOT / ".venv-itex" / "bin" / "python"
+IMAGE = 224
+
+BUILD_SCRIPT = """
+import sys
+import keras
+import tensorflow as tf
+
+path, seed, image = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+keras.utils.set_random_seed(seed)
+net = keras.applications.ResNet50(weights=None, input_shape=(image, image, 3), classes=1000)
+
+
+class Serving(tf.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    @tf.function(input_signature=[tf.TensorSpec([None, image, image, 3], tf.float32, name="images")])
+    def serve(self, images):
+        return {"probs": self.net(images, training=False)}
+
+
+module = Serving(net)
+tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
+print(f"ResNet-50: {net.count_params():,} parameters, TensorFlow {tf.__version__}, Keras {keras.__version__}")
+"""
+
+
+def build_savedmodel(path: Path, seed: int, image: int, say: Output) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-c", BUILD_SCRIPT, str(path), str(seed), str(image)],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        raise BenchError(f"building the ResNet-50 SavedModel failed:\n{proc.stderr[-3000:]}")
+    line = proc.stdout.strip().splitlines()[-1]
+    say.progress(line)
+    return line
+
+
+def convert_to_onnx(savedmodel: Path, onnx_path: Path, say: Output) -> list[str]:
+    """``dl-inference convert tf-to-onnx`` (with its parity check); its report lines."""
+    cmd = [sys.executable, "-m", "dl_inference", "convert", "tf-to-onnx", str(savedmodel), str(onnx_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, cwd=REPO_ROOT)
+    if proc.returncode != 0:
+        raise BenchError(f"tf-to-onnx failed ({' '.join(cmd)}):\n{(proc.stdout + proc.stderr)[-3000:]}")
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "parity" in ln.lower() or "max" in ln.lower()]
+    for ln in lines[-6:]:
+        say.progress("  convert: " + ln.strip())
+    return lines
+
+
+def variant_config(variant: str, threads: int) -> str:
+    lines = ["max_batch_size: 8", "instance_group [{ count: 1, kind: KIND_CPU }]"]
+    params: dict[str, str] = {}
+    if variant == "onnxruntime":
+        lines.insert(0, 'backend: "onnxruntime"')
+        params["intra_op_thread_count"] = str(threads)
+    else:
+        lines.insert(0, 'backend: "tensorflow"')
+        params.update(intra_op_threads=str(threads), inter_op_threads="1")
+        if variant == "tf_onednn_off":
+            params["onednn"] = "off"
+        elif variant == "tf_onednn_on":
+            params["onednn"] = "on"
+        elif variant == "tf_itex":
+            params["worker_environment"] = "itex"
+    for key, value in params.items():
+        lines.append(f'parameters {{ key: "{key}" value {{ string_value: "{value}" }} }}')
+    return "\n".join(lines) + "\n"
+
+
+def write_repository(repo: Path, variants: list[str], savedmodel: Path, onnx_path: Path | None, threads: int) -> None:
+    for variant in variants:
+        version = repo / variant / "1"
+        version.mkdir(parents=True, exist_ok=True)
+        if variant == "onnxruntime":
+            assert onnx_path is not None
+            shutil.copyfile(onnx_path, version / "model.onnx")
+        else:
+            shutil.copytree(savedmodel, version / "model.savedmodel", dirs_exist_ok=True)
+        (repo / variant / "config.pbtxt").write_text(variant_config(variant, threads))
+
+
+def median_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    cells: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in rows:
+        cells.setdefault((r["model"], r["request_batch"]), []).append(r)
+    out = []
+    for (model, batch), group in cells.items():
+
+        def med(key: str, group: list[dict[str, Any]] = group) -> float | None:
+            vals = [g[key] for g in group if g[key] is not None]
+            return statistics.median(vals) if vals else None
+
+        out.append({
+            "model": model, "concurrency": 1, "request_batch": batch, "images_per_s": med("images_per_s"),
+            "p50_ms": med("p50_ms"), "p99_ms": med("p99_ms"), "avg_batch": med("avg_batch"),
+            "errors": sum(g["errors"] for g in group), "rounds": len(group),
+            "images_per_s_each": [round(g["images_per_s"], 2) for g in group],
+        })  # fmt: skip
+    order = {v: i for i, v in enumerate(VARIANTS)}
+    return sorted(out, key=lambda r: (r["request_batch"], order.get(r["model"], 99)))
+
+
+def ratios(medians: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    cell = {(r["model"], r["request_batch"]): r for r in medians}
+    out = []
+    for (model, batch), r in sorted(cell.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        base = cell.get((BASELINE, batch))
+        if model == BASELINE or base is None:
+            continue
+        out.append({
+            "variant": model, "request_batch": batch, "over": BASELINE,
+            "images_per_s": ratio(r["images_per_s"], base["images_per_s"]),
+            "p50": ratio(r["p50_ms"], base["p50_ms"]),
+        })  # fmt: skip
+    return out
+
+
+def format_ratios(rows: list[dict[str, Any]]) -> str:
+    lines = []
+    for r in rows:
+        ips = "-" if r["images_per_s"] is None else f"{r['images_per_s']:.2f}x"
+        p50 = "-" if r["p50"] is None else f"{r['p50']:.2f}x"
+        lines.append(
+            f"{r['variant']:<14} / {r['over']} at {r['request_batch']} image(s)/request: images/s {ips}, p50 {p50}"
+        )
+    return "\n".join(lines)
+
+
+def cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = line.split(":", 1)[1].split()
+                wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+                return " ".join(f for f in wanted if f in flags) or "no AVX2"
+    except OSError:
+        pass
+    return "unknown"
+
+
+def bench(args: argparse.Namespace, workdir: Path, say: Output) -> dict[str, Any]:
+    t_start = time.monotonic()
+    info = machine_info()
+    info["cpu_flags"] = cpu_flags()
+    say(f"CPU {info.get('cpu')} ({info['cpu_count']} CPUs; {info['cpu_flags']}), python {info['python']}")
+    variants = list(args.variants)
+    itex = args.itex_python
+    if "tf_itex" in variants and not Path(itex).exists():
+        say(f"tf_itex left out: {itex} does not exist (make itex-env builds it)")
+        variants.remove("tf_itex")
+    result: dict[str, Any] = {
+        "machine": info,
+        "config": {
+            "variants": variants, "threads": args.threads, "rounds": args.rounds, "duration_s": args.duration,
+            "warmup_s": args.warmup, "request_batches": args.request_batches, "concurrency": 1, "protocol": "grpc",
+            "image": IMAGE, "seed": args.seed, "itex_python": str(itex) if "tf_itex" in variants else None,
+        },
+        "runs": [], "summary": [], "load_seconds": {},
+    }  # fmt: skip
+
+    def finish() -> dict[str, Any]:
+        result["medians"] = median_rows(result["summary"])
+        result["ratios"] = ratios(result["medians"])
+        result["machine"]["loadavg_end"] = os.getloadavg()
+        result["elapsed_s"] = time.monotonic() - t_start
+        say.save(result, complete=False)
+        return result
+
+    savedmodel = workdir / "resnet50.savedmodel"
+    say.progress("building the ResNet-50 SavedModel ...")
+    result["model"] = build_savedmodel(savedmodel, args.seed, IMAGE, say)
+    onnx_path = None
+    if "onnxruntime" in variants:
+        say.progress("converting it to ONNX (dl-inference convert tf-to-onnx, with its parity check) ...")
+        onnx_path = workdir / "resnet50.onnx"
+        t0 = time.monotonic()
+        result["conversion"] = {"report": convert_to_onnx(savedmodel, onnx_path, say)}
+        result["conversion"]["seconds"] = time.monotonic() - t0
+    repo = workdir / "repo"
+    write_repository(repo, variants, savedmodel, onnx_path, args.threads)
+
+    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
+    settings = workdir / "server.yaml"
+    settings.write_text(f"load_timeout_s: {args.load_timeout}\nlog_level: INFO\n")
+    cmd = [*ours_command(repo, grpc_port, http_port, metrics_port), "--model-control-mode", "explicit",
+           "--host", "127.0.0.1", "--config", str(settings)]  # fmt: skip
+    if "tf_itex" in variants:
+        cmd += ["--worker-environment", f"itex={itex}"]
+    server = start_server(
+        "dl-inference serve", cmd, workdir / "server.log", f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}"
+    )
+    try:
+        took = wait_ready(server, 120, ())
+        say.progress(f"server ready in {took:.1f} s")
+        for variant in variants:
+            result["load_seconds"][variant] = load_model(server, variant, args.load_timeout, say)
+        for rnd in range(args.rounds):
+            order = variants[rnd % len(variants) :] + variants[: rnd % len(variants)]
+            for variant in order:
+                for batch in args.request_batches:
+                    rep = measure(server, variant, 1, args, request_batch=batch)
+                    rep["model_name"], rep["round"] = variant, rnd
+                    result["runs"].append(rep)
+                    row = summary_row(variant, 1, rep)
+                    result["summary"].append(row)
+                    say.progress(
+                        f"round {rnd + 1}/{args.rounds} {variant:<14} {batch} img/req: "
+                        f"{row['images_per_s']:.1f} images/s, p50 {row['p50_ms']:.1f} ms"
+                        + (f", {row['errors']} errors" if row["errors"] else "")
+                    )
+            finish()
+    finally:
+        stop_server(server)
+    return finish()
+
+
+def report_text(result: dict[str, Any]) -> str:
+    parts = [
+        "",
+        f"ResNet-50 SavedModel on CPU, served over gRPC at concurrency 1; median of {result['config']['rounds']} "
+        f"rounds; {result['config']['threads']} thread(s) per model",
+        format_table(result["medians"]),
+        "",
+        format_ratios(result["ratios"]),
+    ]
+    return "\n".join(parts)
+
+
+def _list(kind: type, allowed: tuple[str, ...] | None = None):  # type: ignore[no-untyped-def]
+    def parse(text: str) -> list[Any]:
+        values = [kind(v.strip()) for v in text.split(",") if v.strip()]
+        if not values or (allowed is not None and any(v not in allowed for v in values)):
+            raise argparse.ArgumentTypeError(f"want a comma list{' of ' + ', '.join(allowed) if allowed else ''}")
+        return values
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m load_tests.bench_tensorflow_cpu", description=__doc__.split("\n")[0])
+    p.add_argument("--variants", type=_list(str, VARIANTS), default=list(VARIANTS))
+    p.add_argument("--request-batches", type=_list(int), default=[1, 8], help="images per request (default 1,8)")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="intra-op threads per model")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--duration", type=float, default=12.0, help="measured seconds per point")
+    p.add_argument("--warmup", type=float, default=3.0, help="warm-up seconds per point")
+    p.add_argument("--request-timeout", type=float, default=120.0)
+    p.add_argument("--load-timeout", type=float, default=600.0)
+    p.add_argument("--itex-python", type=Path, default=ITEX_PYTHON, help="interpreter of the ITEX environment")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", type=Path, default=REPO_ROOT / "load_tests" / "results")
+    p.add_argument("--name", default="bench_tensorflow_cpu")
+    p.add_argument("--keep", action="store_true", help="keep the work directory (model, repository, server log)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    say = Output(args.out_dir / f"{args.name}.json", args.out_dir / f"{args.name}.txt")
+    workdir = Path(tempfile.mkdtemp(prefix="bench_tf_"))
+    keep = args.keep
+    try:
+        with sigterm_as_interrupt():
+            result = bench(args, workdir, say)
+    except BenchError as exc:
+        say(f"FAILED: {exc}")
+        if (workdir / "server.log").exists():
+            shutil.copyfile(workdir / "server.log", args.out_dir / f"{args.name}.server.log")
+        keep = True
+        return 2
+    except KeyboardInterrupt:
+        print("bench_tensorflow_cpu: interrupted; server stopped", file=sys.stderr, flush=True)
+        return 130
+    finally:
+        if keep:
+            print(f"bench_tensorflow_cpu: work directory kept in {workdir}", file=sys.stderr, flush=True)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    say(report_text(result))
+    say.save(result, complete=True)
+    print(f"wrote {say.json_path} and {say.txt_path}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
