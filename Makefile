@@ -11,15 +11,25 @@ METRICS_PORT ?= 8002
 MLSERVER_VENV ?= .venv-mlserver
 MLSERVER_PYTHON ?= $(PYTHON)
 MLSERVER_VERSION ?= 1.7.1
+# Intel Extension for TensorFlow (ITEX) workers live in their own venv: its last CPU build (2.15.0.0; the
+# later 2.15.0.x are XPU-only; the trailing .0 of intel-extension-for-tensorflow-lib's version marks the
+# CPU build) needs TensorFlow 2.15 and protobuf<4.24, so only the workers of models whose config says
+# `worker_environment: itex` run there (serve --worker-environment itex=$(ITEX_VENV)/bin/python).
+# TensorFlow 2.15 takes Python 3.9-3.11 (ITEX_PYTHON: the interpreter the venv is made from).
+ITEX_VENV ?= .venv-itex
+ITEX_PYTHON ?= $(PYTHON)
+ITEX_VERSION ?= 2.15.0.0
+ITEX_TF_VERSION ?= 2.15.1
 
 .PHONY: install serve examples test test-unit test-integration fuzz lint proto proto-check bench clean bench-balancer perf \
-	mlserver-env bench-mlserver \
+	mlserver-env bench-mlserver itex-env bench-tensorflow-cpu \
 	bench-pytorch-gpu faults faults-quick soak
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps 'tensorflow-serving-api>=2.16'
 	touch $@
 
 install: $(VENV)/.installed
@@ -31,7 +41,8 @@ serve: examples
 	$(PY) -m dl_inference serve --model-repository $(REPO) \
 		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
-test: install
+# The ITEX worker environment is part of the suite (tests/integration/test_itex_env.py; built once, ~1 min).
+test: install itex-env
 	$(PY) scripts/gen_protos.py --check
 	$(VENV)/bin/ruff check dl_inference tests load_tests scripts
 	$(VENV)/bin/mypy dl_inference
@@ -110,9 +121,38 @@ $(MLSERVER_VENV)/.installed: | $(VENV)/.installed
 
 mlserver-env: $(MLSERVER_VENV)/.installed
 
+# The ITEX worker venv (~1.7 GB; 40-60 s from scratch on the dev machine, `time make itex-env`).
+# tensorflow-cpu instead of the `tensorflow` wheel ITEX names (the same TensorFlow without CUDA kernels,
+# a smaller download), so ITEX goes in with --no-deps and its own requirements are listed here. Beside
+# them only what `python -m dl_inference worker` imports: grpcio (our generated stubs need >= 1.81.1),
+# health/reflection 1.62.3 (the last built for protobuf 4), pyyaml, uvloop, orjson (the standalone
+# worker's gRPC frontend, TF-Serving JSON); numpy<2 and ml_dtypes 0.3 come with TensorFlow 2.15. Our
+# package: -e . --no-deps. The list lives here, so editing this Makefile re-runs it (pip keeps what fits).
+$(ITEX_VENV)/.installed: pyproject.toml Makefile
+	@$(ITEX_PYTHON) -c 'import sys; sys.exit(0 if (3, 9) <= sys.version_info[:2] <= (3, 11) else \
+		"TensorFlow 2.15 needs Python 3.9-3.11: make itex-env ITEX_PYTHON=python3.11")'
+	$(ITEX_PYTHON) -m venv $(ITEX_VENV)
+	$(ITEX_VENV)/bin/python -m pip install -q --upgrade pip
+	$(ITEX_VENV)/bin/python -m pip install -q 'tensorflow-cpu==$(ITEX_TF_VERSION)' \
+		'intel-extension-for-tensorflow-lib==$(ITEX_VERSION).0' 'protobuf<4.24' 'absl-py==1.4.0' wheel \
+		'numpy<2' 'grpcio>=1.81.1,<2' 'grpcio-health-checking==1.62.3' 'grpcio-reflection==1.62.3' \
+		'pyyaml>=6' 'uvloop>=0.19' 'orjson>=3.9'
+	$(ITEX_VENV)/bin/python -m pip install -q --no-deps 'intel-extension-for-tensorflow==$(ITEX_VERSION)'
+	$(ITEX_VENV)/bin/python -m pip install -q --no-deps -e .
+	$(ITEX_VENV)/bin/python -c 'import dl_inference.worker.main, dl_inference.grpc_frontend, \
+		intel_extension_for_tensorflow as itex, tensorflow as tf; \
+		print("itex", itex.__version__, "tensorflow", tf.__version__)'
+	touch $@
+
+itex-env: $(ITEX_VENV)/.installed
+
+# ResNet-50 SavedModel served on CPU: stock TensorFlow, oneDNN off/on, ITEX, ONNX Runtime (~10 min on 2 cores).
+bench-tensorflow-cpu: install itex-env
+	$(PY) -m load_tests.bench_tensorflow_cpu
+
 # dl-inference serve vs MLServer on the same models, same client (~10 min).
 bench-mlserver: install mlserver-env
 	$(PY) -m load_tests.compare_mlserver --mlserver-venv $(MLSERVER_VENV)
 
 clean:
-	rm -rf $(VENV) $(MLSERVER_VENV) examples/models .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(MLSERVER_VENV) $(ITEX_VENV) examples/models .pytest_cache .mypy_cache .ruff_cache

@@ -50,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--tls-ca", help="PEM CA: clients must present a certificate it signed (mutual TLS)")
     s.add_argument("--control-api", choices=("enabled", "disabled"), help="model control (load/unload/index)")
     s.add_argument("--control-port", type=int, help="serve model control only on this HTTP port (127.0.0.1)")
+    s.add_argument(
+        "--worker-environment", action="append", dest="worker_environments", metavar="NAME=PYTHON",
+        help="a Python interpreter for the workers of models whose config says worker_environment: NAME "
+        "(repeatable; adds to or replaces by name the config's worker_environments)",
+    )  # fmt: skip
     s.add_argument("--config", help="server settings YAML (flags override it)")
 
     from dl_inference.worker.main import add_arguments
@@ -59,8 +64,14 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("make-examples", help="write the example models into a repository directory")
     e.add_argument("directory")
+    e.add_argument(
+        "--tensorflow", action=argparse.BooleanOptionalAction, default=None,
+        help="also write the TensorFlow SavedModel examples (default: when TensorFlow is installed)",
+    )  # fmt: skip
 
-    c = sub.add_parser("convert", help="convert models: Caffe -> ONNX, ONNX -> TensorRT, a whole repository")
+    c = sub.add_parser(
+        "convert", help="convert models: Caffe -> ONNX, TensorFlow -> ONNX, ONNX -> TensorRT, a whole repository"
+    )
     csub = c.add_subparsers(dest="framework", required=True)
     cc = csub.add_parser("caffe", help="Caffe deploy prototxt + caffemodel -> ONNX with Caffe's outputs")
     cc.add_argument("--prototxt", required=True, help="deploy .prototxt")
@@ -72,6 +83,14 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     cc.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     _add_tensorrt_commands(csub)
+    from dl_inference.convert.tensorflow.command import add_arguments as add_tf_to_onnx_arguments
+
+    add_tf_to_onnx_arguments(
+        csub.add_parser(
+            "tf-to-onnx",
+            help="TensorFlow SavedModel -> ONNX (tf2onnx), checked against TensorFlow's outputs; needs TensorFlow",
+        )
+    )
     return p
 
 
@@ -177,6 +196,10 @@ def _convert_repository(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    if args.framework == "tf-to-onnx":
+        from dl_inference.convert.tensorflow.command import run as run_tf_to_onnx
+
+        return run_tf_to_onnx(args, _emit)
     if args.framework == "onnx-to-tensorrt":
         return _convert_onnx_to_tensorrt(args)
     if args.framework == "repository":
@@ -214,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
         from dl_inference.examples import make_example_repository
 
         names = make_example_repository(Path(args.directory))
+        from dl_inference.examples_tensorflow import make_tensorflow_examples, tensorflow_available
+
+        if args.tensorflow or (args.tensorflow is None and tensorflow_available()):
+            names += make_tensorflow_examples(Path(args.directory))
         print(f"wrote {len(names)} example models to {args.directory}: {', '.join(names)}")
         return 0
 
@@ -242,6 +269,12 @@ def main(argv: list[str] | None = None) -> int:
         tls = {k: v for k, v in (("cert", args.tls_cert), ("key", args.tls_key), ("ca", args.tls_ca)) if v}
         if tls:
             settings.tls = {**settings.tls, **tls}
+        if args.worker_environments:
+            from dl_inference.config import parse_worker_environment
+
+            environments = dict(settings.worker_environments)
+            environments.update(parse_worker_environment(text) for text in args.worker_environments)
+            settings.worker_environments = environments
         settings.validate()
     except ServerError as exc:
         print(f"dl-inference: {exc.message}", file=sys.stderr)

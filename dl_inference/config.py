@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from dl_inference.security import AccessPolicy, RateLimiter, TlsSettings
 
 CONTROL_MODES = ("none", "poll", "explicit")
 CONTROL_API = ("enabled", "disabled")
+WORKER_ENVIRONMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 @dataclass
@@ -49,6 +51,9 @@ class ServerSettings:
     control_api: str = "enabled"  # "disabled": no repository index/load/unload at all
     control_port: int = 0  # > 0: the model-control API only on this HTTP port (bound to control_host)
     control_host: str = "127.0.0.1"
+    # Other Python environments for workers: name -> interpreter (e.g. {itex: .venv-itex/bin/python});
+    # a model picks one with its config parameter `worker_environment`. Relative paths: from the cwd.
+    worker_environments: dict[str, str] = field(default_factory=dict)
 
     def rate_limiter(self) -> RateLimiter | None:
         return RateLimiter.from_mapping(self.rate_limit)
@@ -105,6 +110,30 @@ class ServerSettings:
             raise InvalidArgument("auth and tls must be mappings of settings")
         self.access_policy()
         self.tls_settings()
+        validate_worker_environments(self.worker_environments)
+
+
+def validate_worker_environments(environments: object) -> None:
+    """A mapping of names to interpreter paths; whether each interpreter exists is checked per model."""
+    if not isinstance(environments, dict):
+        raise InvalidArgument("worker_environments must be a mapping of environment name to Python interpreter")
+    for name, python in environments.items():
+        if not isinstance(name, str) or not WORKER_ENVIRONMENT_NAME.fullmatch(name):
+            raise InvalidArgument(
+                f"worker environment name '{name}' must be letters, digits, '.', '_' or '-' (e.g. itex)"
+            )
+        if not isinstance(python, str) or not python.strip():
+            raise InvalidArgument(f"worker environment '{name}' needs the path of a Python interpreter")
+
+
+def parse_worker_environment(text: str) -> tuple[str, str]:
+    """``--worker-environment NAME=PYTHON`` -> (name, interpreter path)."""
+    name, sep, python = text.partition("=")
+    name, python = name.strip(), python.strip()
+    if not sep or not name or not python:
+        raise InvalidArgument(f"--worker-environment takes NAME=PYTHON (e.g. itex=.venv-itex/bin/python), got '{text}'")
+    validate_worker_environments({name: python})
+    return name, python
 
 
 def load_settings(path: str | None, overrides: dict[str, Any]) -> ServerSettings:

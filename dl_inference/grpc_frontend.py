@@ -224,6 +224,10 @@ class GrpcServer:
             interceptors.append(AccessInterceptor(access or AccessPolicy(), control))
         self.server = grpc.aio.server(options=options, interceptors=interceptors)
         self.server.add_generic_rpc_handlers((build_handler(dp, rate_limiter),))
+        # TF-Serving's PredictionService/ModelService; imported here because it builds on this module.
+        from dl_inference.tfserving_grpc import tfserving_handlers
+
+        self.server.add_generic_rpc_handlers(tfserving_handlers(dp, rate_limiter, max_message_bytes))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

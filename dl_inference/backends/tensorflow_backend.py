@@ -152,10 +152,19 @@ def _describe_runtime(tf: Any) -> str:
         try:
             import intel_extension_for_tensorflow as itex
 
-            parts.append(f"Intel Extension for TensorFlow {itex.__version__}")
+            # Importable is not the same as running: its CPU plugin library must be mapped into this process.
+            loaded = "plugin loaded" if _library_mapped("libitex_cpu") else "plugin NOT loaded"
+            parts.append(f"Intel Extension for TensorFlow {itex.__version__} ({loaded})")
         except Exception as exc:  # present but broken: say so rather than claim it runs
             parts.append(f"Intel Extension for TensorFlow failed to import: {exc}")
     return ", ".join(parts)
+
+
+def _library_mapped(stem: str) -> bool:
+    try:
+        return stem in Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
 
 
 def _model_tensor(name: str, spec: Any, kind: str, model_name: str) -> ModelTensor:

@@ -17,6 +17,7 @@ from aiohttp import http_exceptions, http_parser, web, web_protocol
 
 from dl_inference.dataplane import DataPlane
 from dl_inference.errors import InvalidArgument, ServerError
+from dl_inference.gateway.tfserving_http import add_tfserving_routes
 from dl_inference.protocol.datatypes import element_size
 from dl_inference.protocol.generated import grpc_service_pb2 as pb
 from dl_inference.protocol.http_codec import parse_infer_request, render_error, render_infer_response
@@ -178,6 +179,7 @@ class HttpFrontend:
             r.add_get(prefix + "/config", self.model_config)
             r.add_get(prefix + "/stats", self.stats)
             r.add_post(prefix + "/infer", self.infer)
+        add_tfserving_routes(r, self)  # TF-Serving REST: /v1/models/{m}[...]:predict, status, metadata
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -29,7 +29,7 @@ from dl_inference.errors import (
     Unimplemented,
 )
 from dl_inference.gateway.models import Model, ModelVersion, State
-from dl_inference.gateway.workers import LoadFailed, WorkerInstance, WorkerPool, WorkerSpec
+from dl_inference.gateway.workers import LoadFailed, WorkerInstance, WorkerPool, WorkerSpec, worker_python
 from dl_inference.metrics import render_balancer_metrics, render_metrics
 from dl_inference.protocol.framing import Kind
 from dl_inference.protocol.generated import grpc_service_pb2 as pb
@@ -114,12 +114,19 @@ class GatewayDataPlane(DataPlane):
         return self._locks.setdefault(name, asyncio.Lock())
 
     def _specs(self, source: ModelSource, version: int) -> list[WorkerSpec]:
+        try:
+            python = worker_python(source.name, source.config, self.settings.worker_environments)
+        except InvalidArgument as exc:
+            # Only this model fails, before any of its workers starts; recorded like a failed load.
+            self.load_errors[source.name] = exc.message
+            self._failed_fingerprints[source.name] = source.fingerprint
+            raise
         specs = []
         for index, (kind, gpu) in enumerate(instance_kinds(source.config)):
             device = "gpu" if kind == "KIND_GPU" else "cpu"
             specs.append(
                 WorkerSpec(
-                    self.repository, source.name, version, index, device, gpu,
+                    self.repository, source.name, version, index, device, gpu, python=python,
                     max_tensor_elements=self.settings.max_tensor_elements,
                     max_bytes_element=self.settings.max_bytes_element,
                 )
@@ -208,8 +215,8 @@ class GatewayDataPlane(DataPlane):
         while not self._closing and mv.state is State.READY and dead in mv.instances:
             if time.monotonic() - dead.started_at < 1.0:
                 await asyncio.sleep(delay)
-            new = await self.pool.spawn(dead.spec)
-            try:
+            try:  # spawn fails too when the worker environment's interpreter has gone
+                new = await self.pool.spawn(dead.spec)
                 await self.pool.wait_ready(new, self.settings.load_timeout_s)
             except LoadFailed as exc:
                 log.error("restart of worker %s failed: %s; retrying in %.1f s", dead.spec.label, exc, delay)

@@ -19,14 +19,49 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from dl_inference.errors import InvalidArgument
 from dl_inference.protocol.framing import ExecStats, FrameProtocol, Kind, unpack_token
 from dl_inference.protocol.generated import model_config_pb2 as mc
 
 log = logging.getLogger(__name__)
+
+#: Model config parameter naming the worker environment (server setting ``worker_environments``).
+WORKER_ENVIRONMENT_PARAMETER = "worker_environment"
+
+
+def worker_python(model: str, config: mc.ModelConfig, environments: Mapping[str, str]) -> str:
+    """The interpreter for ``model``'s workers: its ``worker_environment``'s, else the gateway's own.
+
+    Raises InvalidArgument, naming the model, the environment and the interpreter, when the
+    environment is not configured or its interpreter is not an executable file.
+    """
+    param = config.parameters.get(WORKER_ENVIRONMENT_PARAMETER)
+    name = param.string_value.strip() if param is not None else ""
+    if not name:
+        return sys.executable
+    python = environments.get(name)
+    if python is None:
+        known = ", ".join(sorted(environments)) or "none"
+        raise InvalidArgument(
+            f"model '{model}' asks for worker environment '{name}', which this server does not have "
+            f"(configured: {known}); add --worker-environment {name}=/path/to/python or worker_environments "
+            "in the server config"
+        )
+    # abspath, not resolve(): a venv's python is a symlink, and following it would leave the venv.
+    path = os.path.abspath(os.path.expanduser(python))
+    problem = (
+        "does not exist" if not os.path.exists(path)
+        else "is not a file" if not os.path.isfile(path)
+        else "is not executable" if not os.access(path, os.X_OK)
+        else ""
+    )  # fmt: skip
+    if problem:
+        raise InvalidArgument(f"model '{model}': worker environment '{name}' has interpreter {path}, which {problem}")
+    return path
 
 
 class WorkerGone(Exception):
@@ -227,10 +262,15 @@ class WorkerPool:
         env["DL_INFERENCE_WORKER"] = spec.label
         # A session of its own: a terminal's Ctrl-C reaches the gateway only, which then stops the
         # workers in order; if the gateway dies outright, workers exit when its socket closes.
-        inst.process = await asyncio.create_subprocess_exec(
-            *cmd, env=env, stdin=asyncio.subprocess.DEVNULL, start_new_session=True
-        )
-        log.info("spawned worker %s (pid %d)", spec.label, inst.process.pid)
+        try:
+            inst.process = await asyncio.create_subprocess_exec(
+                *cmd, env=env, stdin=asyncio.subprocess.DEVNULL, start_new_session=True
+            )
+        except OSError as exc:  # the interpreter vanished or cannot run
+            self._by_token.pop(inst.token, None)
+            raise LoadFailed(f"worker {spec.label} could not start {spec.python}: {exc}") from None
+        other = "" if spec.python == sys.executable else f", python {spec.python}"
+        log.info("spawned worker %s (pid %d%s)", spec.label, inst.process.pid, other)
         asyncio.get_running_loop().create_task(self._watch(inst))
         return inst
 

@@ -76,7 +76,7 @@ def test_dry_run_plans_without_tensorrt(repo: Path, monkeypatch: pytest.MonkeyPa
     )
     assert "model 'img' version 1: cannot build: model 'img': input 'image' has dynamic dimension(s) [2, 3]" in text
     assert "model 'tf' version 1: cannot build: model.savedmodel is a TensorFlow SavedModel" in text
-    assert "needs the TensorFlow environment" in text
+    assert "dl-inference convert tf-to-onnx" in text
     assert "model 'prebuilt' version 1: would check prebuilt model.plan, nothing to build it from" in text
     if CAFFE.is_dir():
         assert "model 'caffe_net' version 1: would build from conv_rect.prototxt + conv_rect.caffemodel" in text

@@ -63,9 +63,9 @@ __all__ = [
 ]
 
 SAVEDMODEL_HELP = (
-    "is a TensorFlow SavedModel: turning it into ONNX (tf2onnx) needs the TensorFlow environment, which "
-    "this one is not (that conversion is a separate issue); export it there with "
-    "`python -m tf2onnx.convert --saved-model model.savedmodel --output model.onnx`, then build the engine"
+    "is a TensorFlow SavedModel: convert it to ONNX first with `dl-inference convert tf-to-onnx "
+    "<model>/<version>` (writes model.onnx beside it, with a parity check; needs "
+    "`pip install 'dl_inference[tensorflow]'`), then build the engine from that"
 )
 _PLAN_SUFFIXES = (".plan", ".engine")
 
