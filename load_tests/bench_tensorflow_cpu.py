@@ -7,23 +7,27 @@ What it does:
    as a SavedModel whose ``serving_default`` signature takes ``images`` FP32 [-1,224,224,3] and gives
    ``probs`` FP32 [-1,1000]; converts it with ``dl-inference convert tf-to-onnx`` (parity-checked);
 2. writes a repository with one model per variant, each ``max_batch_size: 8`` without dynamic batching
-   (a request is a batch), one KIND_CPU instance using ``--threads`` threads (default: every CPU this
-   process may use):
+   (a request is a batch), KIND_CPU, ``--threads`` intra-op threads (default: every CPU this process
+   may use) unless said otherwise:
 
    - ``tf_default``: TensorFlow as installed, oneDNN left to TensorFlow's own choice for this CPU;
    - ``tf_onednn_off`` / ``tf_onednn_on``: parameter ``onednn`` off / on (``TF_ENABLE_ONEDNN_OPTS``);
    - ``tf_itex``: ``worker_environment: itex``: the worker runs TensorFlow 2.15 + Intel Extension for
      TensorFlow from ``.venv-itex`` (``make itex-env``); left out, and said so, when it is missing;
    - ``onnxruntime``: the converted ``model.onnx`` on ONNX Runtime's CPU provider;
+   - the CPU settings: ``tf_1thread`` (``intra_op_threads`` 1), ``tf_2x1thread`` (two instances of one
+     thread each, at concurrency 2, against ``tf_default`` at concurrency 2) and ``tf_1thread_pinned``
+     (one thread, ``cpu_affinity`` the last CPU);
 
 3. starts one server (``--model-control-mode explicit``), loads every variant, then for ``--rounds``
    rounds, in an order rotated each round (so slow drift of this shared machine falls on all alike),
-   runs ``load_tests.loadgen`` over gRPC at concurrency 1 with 1 and 8 images per request;
-4. prints the median table (variant | images/request | images/s | p50 | p99) and the ratios against
-   ``tf_onednn_off``, the closest thing here to the seed's "TensorFlow without MKL"; writes
+   runs ``load_tests.loadgen`` over gRPC: the first five at concurrency 1 with 1 and 8 images per
+   request, the CPU-setting variants with 1 image per request;
+4. prints the median table and the ratios (the first five against ``tf_onednn_off``, the closest thing
+   here to the seed's "TensorFlow without MKL"; the settings against their reference); writes
    ``<out-dir>/bench_tensorflow_cpu.{json,txt}`` as it goes.
 
-Run (about 10 minutes with the defaults on a 2-core VM)::
+Run (about 15 minutes with the defaults on a 2-core VM)::
 
     make bench-tensorflow-cpu                                  # = python -m load_tests.bench_tensorflow_cpu
     python -m load_tests.bench_tensorflow_cpu --rounds 1 --duration 5 --variants tf_default,onnxruntime
@@ -56,8 +60,31 @@ from load_tests.bench_tiny import (
     wait_ready,
 )
 
-VARIANTS = ("tf_default", "tf_onednn_off", "tf_onednn_on", "tf_itex", "onnxruntime")
+# variant -> (config parameters, instances, (images per request, concurrency) points). "{threads}" is --threads.
+# The first five are the comparison the issue asks for (one instance using every thread, concurrency 1);
+# the rest measure the CPU settings against tf_default: one thread, two single-thread instances at
+# concurrency 2, and one thread pinned to one CPU.
+SPECS: dict[str, tuple[dict[str, str], int, tuple[tuple[int, int], ...]]] = {
+    "tf_default": ({"intra_op_threads": "{threads}"}, 1, ((1, 1), (8, 1), (1, 2))),
+    "tf_onednn_off": ({"intra_op_threads": "{threads}", "onednn": "off"}, 1, ((1, 1), (8, 1))),
+    "tf_onednn_on": ({"intra_op_threads": "{threads}", "onednn": "on"}, 1, ((1, 1), (8, 1))),
+    "tf_itex": ({"intra_op_threads": "{threads}", "worker_environment": "itex"}, 1, ((1, 1), (8, 1))),
+    "onnxruntime": ({"intra_op_thread_count": "{threads}"}, 1, ((1, 1), (8, 1))),
+    "tf_1thread": ({"intra_op_threads": "1"}, 1, ((1, 1),)),
+    "tf_2x1thread": ({"intra_op_threads": "1"}, 2, ((1, 2),)),
+    "tf_1thread_pinned": ({"intra_op_threads": "1", "cpu_affinity": "{last_cpu}"}, 1, ((1, 1),)),
+}
+VARIANTS = tuple(SPECS)
 BASELINE = "tf_onednn_off"
+# (variant, over, request batch, concurrency): the ratios printed under the table.
+COMPARISONS = [
+    *((v, BASELINE, b, 1) for v in ("tf_default", "tf_onednn_on", "tf_itex", "onnxruntime") for b in (1, 8)),
+    ("tf_itex", "tf_onednn_on", 1, 1),
+    ("tf_itex", "tf_onednn_on", 8, 1),
+    ("tf_1thread", "tf_default", 1, 1),
+    ("tf_2x1thread", "tf_default", 1, 2),
+    ("tf_1thread_pinned", "tf_1thread", 1, 1),
+]
 ITEX_PYTHON = REPO_ROOT / ".venv-itex" / "bin" / "python"
 IMAGE = 224
 
@@ -112,21 +139,12 @@ def convert_to_onnx(savedmodel: Path, onnx_path: Path, say: Output) -> list[str]
 
 
 def variant_config(variant: str, threads: int) -> str:
-    lines = ["max_batch_size: 8", "instance_group [{ count: 1, kind: KIND_CPU }]"]
-    params: dict[str, str] = {}
-    if variant == "onnxruntime":
-        lines.insert(0, 'backend: "onnxruntime"')
-        params["intra_op_thread_count"] = str(threads)
-    else:
-        lines.insert(0, 'backend: "tensorflow"')
-        params.update(intra_op_threads=str(threads), inter_op_threads="1")
-        if variant == "tf_onednn_off":
-            params["onednn"] = "off"
-        elif variant == "tf_onednn_on":
-            params["onednn"] = "on"
-        elif variant == "tf_itex":
-            params["worker_environment"] = "itex"
+    params, instances, _ = SPECS[variant]
+    backend = "onnxruntime" if variant == "onnxruntime" else "tensorflow"
+    last_cpu = str(max(os.sched_getaffinity(0)))
+    lines = [f'backend: "{backend}"', "max_batch_size: 8", f"instance_group [{{ count: {instances}, kind: KIND_CPU }}]"]
     for key, value in params.items():
+        value = value.format(threads=threads, last_cpu=last_cpu)
         lines.append(f'parameters {{ key: "{key}" value {{ string_value: "{value}" }} }}')
     return "\n".join(lines) + "\n"
 
@@ -144,37 +162,37 @@ def write_repository(repo: Path, variants: list[str], savedmodel: Path, onnx_pat
 
 
 def median_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    cells: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    cells: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
     for r in rows:
-        cells.setdefault((r["model"], r["request_batch"]), []).append(r)
+        cells.setdefault((r["model"], r["request_batch"], r["concurrency"]), []).append(r)
     out = []
-    for (model, batch), group in cells.items():
+    for (model, batch, conc), group in cells.items():
 
         def med(key: str, group: list[dict[str, Any]] = group) -> float | None:
             vals = [g[key] for g in group if g[key] is not None]
             return statistics.median(vals) if vals else None
 
         out.append({
-            "model": model, "concurrency": 1, "request_batch": batch, "images_per_s": med("images_per_s"),
+            "model": model, "concurrency": conc, "request_batch": batch, "images_per_s": med("images_per_s"),
             "p50_ms": med("p50_ms"), "p99_ms": med("p99_ms"), "avg_batch": med("avg_batch"),
             "errors": sum(g["errors"] for g in group), "rounds": len(group),
             "images_per_s_each": [round(g["images_per_s"], 2) for g in group],
         })  # fmt: skip
     order = {v: i for i, v in enumerate(VARIANTS)}
-    return sorted(out, key=lambda r: (r["request_batch"], order.get(r["model"], 99)))
+    return sorted(out, key=lambda r: (order.get(r["model"], 99) >= 5, r["request_batch"], r["concurrency"],
+                                      order.get(r["model"], 99)))  # fmt: skip
 
 
 def ratios(medians: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    cell = {(r["model"], r["request_batch"]): r for r in medians}
+    cell = {(r["model"], r["request_batch"], r["concurrency"]): r for r in medians}
     out = []
-    for (model, batch), r in sorted(cell.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        base = cell.get((BASELINE, batch))
-        if model == BASELINE or base is None:
+    for variant, over, batch, conc in COMPARISONS:
+        a, b = cell.get((variant, batch, conc)), cell.get((over, batch, conc))
+        if a is None or b is None:
             continue
         out.append({
-            "variant": model, "request_batch": batch, "over": BASELINE,
-            "images_per_s": ratio(r["images_per_s"], base["images_per_s"]),
-            "p50": ratio(r["p50_ms"], base["p50_ms"]),
+            "variant": variant, "over": over, "request_batch": batch, "concurrency": conc,
+            "images_per_s": ratio(a["images_per_s"], b["images_per_s"]), "p50": ratio(a["p50_ms"], b["p50_ms"]),
         })  # fmt: skip
     return out
 
@@ -185,7 +203,8 @@ def format_ratios(rows: list[dict[str, Any]]) -> str:
         ips = "-" if r["images_per_s"] is None else f"{r['images_per_s']:.2f}x"
         p50 = "-" if r["p50"] is None else f"{r['p50']:.2f}x"
         lines.append(
-            f"{r['variant']:<14} / {r['over']} at {r['request_batch']} image(s)/request: images/s {ips}, p50 {p50}"
+            f"{r['variant']:<17} / {r['over']:<13} at {r['request_batch']} image(s)/request, c={r['concurrency']}: "
+            f"images/s {ips}, p50 {p50}"
         )
     return "\n".join(lines)
 
@@ -216,7 +235,7 @@ def bench(args: argparse.Namespace, workdir: Path, say: Output) -> dict[str, Any
         "machine": info,
         "config": {
             "variants": variants, "threads": args.threads, "rounds": args.rounds, "duration_s": args.duration,
-            "warmup_s": args.warmup, "request_batches": args.request_batches, "concurrency": 1, "protocol": "grpc",
+            "warmup_s": args.warmup, "request_batches": args.request_batches, "protocol": "grpc",
             "image": IMAGE, "seed": args.seed, "itex_python": str(itex) if "tf_itex" in variants else None,
         },
         "runs": [], "summary": [], "load_seconds": {},
@@ -260,29 +279,33 @@ def bench(args: argparse.Namespace, workdir: Path, say: Output) -> dict[str, Any
             result["load_seconds"][variant] = load_model(server, variant, args.load_timeout, say)
         for rnd in range(args.rounds):
             order = variants[rnd % len(variants) :] + variants[: rnd % len(variants)]
-            for variant in order:
-                for batch in args.request_batches:
-                    rep = measure(server, variant, 1, args, request_batch=batch)
-                    rep["model_name"], rep["round"] = variant, rnd
-                    result["runs"].append(rep)
-                    row = summary_row(variant, 1, rep)
-                    result["summary"].append(row)
-                    say.progress(
-                        f"round {rnd + 1}/{args.rounds} {variant:<14} {batch} img/req: "
-                        f"{row['images_per_s']:.1f} images/s, p50 {row['p50_ms']:.1f} ms"
-                        + (f", {row['errors']} errors" if row["errors"] else "")
-                    )
+            for variant, batch, conc in points(order, args.request_batches):
+                rep = measure(server, variant, conc, args, request_batch=batch)
+                rep["model_name"], rep["round"] = variant, rnd
+                result["runs"].append(rep)
+                row = summary_row(variant, conc, rep)
+                result["summary"].append(row)
+                say.progress(
+                    f"round {rnd + 1}/{args.rounds} {variant:<17} {batch} img/req, c={conc}: "
+                    f"{row['images_per_s']:.1f} images/s, p50 {row['p50_ms']:.1f} ms"
+                    + (f", {row['errors']} errors" if row["errors"] else "")
+                )
             finish()
     finally:
         stop_server(server)
     return finish()
 
 
+def points(variants: list[str], batches: list[int]) -> list[tuple[str, int, int]]:
+    """(variant, images per request, concurrency) in run order."""
+    return [(v, b, c) for v in variants for b, c in SPECS[v][2] if b in batches]
+
+
 def report_text(result: dict[str, Any]) -> str:
     parts = [
         "",
-        f"ResNet-50 SavedModel on CPU, served over gRPC at concurrency 1; median of {result['config']['rounds']} "
-        f"rounds; {result['config']['threads']} thread(s) per model",
+        f"ResNet-50 SavedModel on CPU, served over gRPC; median of {result['config']['rounds']} rounds; "
+        f"{result['config']['threads']} intra-op thread(s) per model unless its name says otherwise",
         format_table(result["medians"]),
         "",
         format_ratios(result["ratios"]),
