@@ -38,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--repository-poll-secs", type=float)
     s.add_argument("--max-request-bytes", type=int, help="largest request accepted (default 96 MiB)")
     s.add_argument(
+        "--max-inflight-requests", type=int,
+        help="requests the gateway holds at once, all models; more are answered 429 (default 0: no limit)",
+    )  # fmt: skip
+    s.add_argument(
         "--node", action="append", dest="nodes", metavar="HOST:PORT[@WEIGHT]",
         help="a remote V2 gRPC node to balance onto (repeatable; replaces the config's nodes)",
     )  # fmt: skip
@@ -250,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         k: getattr(args, k)
         for k in (
             "model_repository", "http_port", "grpc_port", "metrics_port", "host", "model_control_mode",
-            "load_models", "repository_poll_secs", "max_request_bytes", "nodes", "node_file",
+            "load_models", "repository_poll_secs", "max_request_bytes", "max_inflight_requests", "nodes", "node_file",
             "control_api", "control_port",
         )
     }  # fmt: skip

@@ -19,6 +19,9 @@ CONTROL_API = ("enabled", "disabled")
 WORKER_ENVIRONMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
+GRPC_MAX_PENDING_CALLS = 20000
+
+
 @dataclass
 class ServerSettings:
     model_repository: str = ""
@@ -33,6 +36,12 @@ class ServerSettings:
     max_request_bytes: int = 96 * 1024 * 1024
     max_json_depth: int = 64
     body_idle_timeout_s: float = 10.0  # HTTP: a request body that sends nothing this long is refused (400)
+    # gRPC calls arrived but not yet taken up by the event loop (gRPC core's own queue; its default of
+    # 1000 drops calls as CANCELLED during a loop stall of ~1000 requests' worth).
+    grpc_max_pending_calls: int = GRPC_MAX_PENDING_CALLS
+    # Requests the gateway holds at once over every model and transport; more are answered 429 /
+    # RESOURCE_EXHAUSTED at once. 0: no gateway-wide bound (each model's max_queue_size still applies).
+    max_inflight_requests: int = 0
     max_tensor_elements: int = 0  # per input tensor; 0: bounded only by max_request_bytes
     max_bytes_element: int = 0  # largest BYTES element in bytes; 0: bounded only by max_request_bytes
     # per-client request rate (clients keyed by token, else address): {requests_per_s, burst}; empty: off
@@ -93,6 +102,10 @@ class ServerSettings:
             raise InvalidArgument("max_request_bytes must be positive")
         if self.body_idle_timeout_s <= 0:
             raise InvalidArgument("body_idle_timeout_s must be positive")
+        if self.max_inflight_requests < 0:
+            raise InvalidArgument("max_inflight_requests must be >= 0 (0: no limit)")
+        if self.grpc_max_pending_calls < 1:
+            raise InvalidArgument("grpc_max_pending_calls must be >= 1")
         if self.max_tensor_elements < 0 or self.max_bytes_element < 0:
             raise InvalidArgument("max_tensor_elements and max_bytes_element must be >= 0 (0: no separate limit)")
         self.rate_limiter()

@@ -16,6 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from dl_inference.config import GRPC_MAX_PENDING_CALLS
 from dl_inference.dataplane import DataPlane
 from dl_inference.errors import ServerError
 from dl_inference.protocol.generated import grpc_service_pb2 as pb
@@ -212,12 +213,18 @@ class GrpcServer:
         control: str = "here",
         tls: TlsSettings | None = None,
         rate_limiter: RateLimiter | None = None,
+        max_pending_calls: int = GRPC_MAX_PENDING_CALLS,
     ) -> None:
         self.dp = dp
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", -1),
             ("grpc.so_reuseport", 0),
+            # Calls wait in gRPC core until the event loop takes them up; above this many it drops new ones
+            # as CANCELLED, which the client did not cause. Overload is the model queues' job
+            # (RESOURCE_EXHAUSTED, with a message), so keep gRPC's own queue out of the way.
+            ("grpc.server.max_pending_requests", max_pending_calls),
+            ("grpc.server.max_pending_requests_hard_limit", max_pending_calls),
         ]
         interceptors = []
         if (access is not None and access.enabled) or control != "here":

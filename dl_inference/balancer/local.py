@@ -29,6 +29,7 @@ class LocalEndpoint(Endpoint):
         self.healthy = True
         self.checks_failed = 0
         self.consecutive_failures = 0
+        self.penalty = 1.0  # a new process: the old one's abandoned requests say nothing about it
         self.returned()
 
     def usable(self) -> bool:

@@ -24,6 +24,7 @@ from dl_inference.errors import (
     Code,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
     ServerError,
     Unavailable,
     Unimplemented,
@@ -54,6 +55,7 @@ class GatewayDataPlane(DataPlane):
         self._locks: dict[str, asyncio.Lock] = {}
         self._started = False
         self._closing = False
+        self._inflight = 0  # requests in this gateway right now, every model and transport
         self._tasks: set[asyncio.Task[None]] = set()
         self.balancer = Balancer(
             settings.balancer_settings(), settings.topology(),
@@ -401,7 +403,15 @@ class GatewayDataPlane(DataPlane):
             stats = self._remote_stats.setdefault((name, version), ModelStats())
             key = (name, version, "remote")
             what = f"model '{name}'" + (f" version {version}" if version else "")
+        limit = self.settings.max_inflight_requests
+        if limit and self._inflight >= limit:
+            busy = ResourceExhausted(
+                f"server busy: {self._inflight} requests in flight (max_inflight_requests {limit}); retry later"
+            )
+            stats.record_failure(0, failure_reason(busy))
+            raise busy
         stats.pending += 1
+        self._inflight += 1
         try:
             kind, code, exec_stats, body = await self.balancer.call(key, endpoints, payload, deadline, what)
             if kind is Kind.ERROR:
@@ -414,6 +424,7 @@ class GatewayDataPlane(DataPlane):
             raise
         finally:
             stats.pending -= 1
+            self._inflight -= 1
         stats.record_success(time.monotonic_ns() - start, exec_stats)
         return body
 

@@ -47,6 +47,7 @@ async def serve(settings: ServerSettings) -> int:
         control=control,
         tls=tls,
         rate_limiter=limiter,
+        max_pending_calls=settings.grpc_max_pending_calls,
     )
     await grpc_server.start()
     http = HttpFrontend(

@@ -986,12 +986,16 @@ def test_local_endpoint_health_and_attach() -> None:
         assert await ep.check_once(1.0, 2, 2) is False  # not pinged
         clock.advance(3.0)
         ep.consecutive_failures = 4
+        for _ in range(4):  # requests abandoned by the dead worker counted as failures
+            ep.record_failure()
         fresh = FakeInstance("m_0")
         ep.attach(fresh)  # type: ignore[arg-type]
         assert ep.instance is fresh
         assert ep.healthy and ep.usable()
         assert ep.consecutive_failures == 0
         assert ep.returned_at == clock.now()
+        # A new process owes nothing to the old one's failures: slow start from 10 %, not 0.5**4 of it.
+        assert ep.penalty == 1.0
         assert ep.effective_weight(clock.now(), 10.0) == pytest.approx(0.1)
 
     run(main())
