@@ -8,6 +8,9 @@ give a, a, b, a, c, a, a — spread out, not in bursts.
 lower cost wins, cost = (in-flight + 1) x latency EWMA / effective weight. The +1 lets an idle
 endpoint's latency count; an endpoint without a latency sample yet is tried first. The EWMA fades
 (time constant 10 s) while an endpoint gets no traffic, so one that was slow once is tried again.
+Costs within ``COMPARABLE`` of each other are a draw, settled at random in proportion to weight:
+two equally fast endpoints' EWMAs differ only by noise, and letting the lower one win every time
+sent all traffic to one of them for seconds (the other's EWMA goes stale, then the shares flip).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import random
 from collections.abc import Sequence
 
 from dl_inference.balancer.endpoint import Endpoint
+
+COMPARABLE = 1.25  # least_request: costs within this factor of each other count as equal
 
 
 class Policy:
@@ -63,7 +68,11 @@ class LeastRequest(Policy):
         if j >= i:
             j += 1
         a, b = candidates[i], candidates[j]
-        return a if self.cost(a, weights[i], now) <= self.cost(b, weights[j], now) else b
+        cost_a, cost_b = self.cost(a, weights[i], now), self.cost(b, weights[j], now)
+        low, high = min(cost_a, cost_b), max(cost_a, cost_b)
+        if low > 0 and high <= low * COMPARABLE:
+            return a if self.rng.random() * (weights[i] + weights[j]) < weights[i] else b
+        return a if cost_a <= cost_b else b
 
 
 def make_policy(name: str, rng: random.Random | None = None) -> Policy:

@@ -215,6 +215,24 @@ def test_least_request_weight_divides_cost() -> None:
     assert all(policy.pick([light, heavy], [1.0, 1.0], clock.now()) is light for _ in range(50))
 
 
+def test_least_request_two_equally_fast_endpoints_share_the_traffic() -> None:
+    """EWMAs that differ only by noise must not send everything to the lower one (it did: the other
+    went stale and the shares flipped, all-or-nothing, in load_tests.faults runs)."""
+    clock = FakeClock()
+    a = with_latency(FakeEndpoint("a", clock), 0.0100, clock)
+    b = with_latency(FakeEndpoint("b", clock), 0.0115, clock)
+    policy = LeastRequest(random.Random(11))
+    counts = Counter(policy.pick([a, b], [1.0, 1.0], clock.now()).name for _ in range(2000))
+    assert 800 < counts["a"] < 1200 and 800 < counts["b"] < 1200
+    # a draw follows the weights: equal latency, weights 1.2 : 1 (costs 0.0083 vs 0.01, comparable)
+    b.ewma_s = 0.0100
+    counts = Counter(policy.pick([a, b], [1.2, 1.0], clock.now()).name for _ in range(2000))
+    assert 1010 < counts["a"] < 1170  # 1.2 / 2.2 of 2000 = 1091
+    # a real difference still decides
+    b.inflight = 1
+    assert all(policy.pick([a, b], [1.0, 1.0], clock.now()) is a for _ in range(50))
+
+
 def test_least_request_single_candidate_is_returned_without_random_draws() -> None:
     clock = FakeClock()
     only = FakeEndpoint("only", clock)
