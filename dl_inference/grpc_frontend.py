@@ -13,12 +13,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from dl_inference.config import GRPC_MAX_PENDING_CALLS
 from dl_inference.dataplane import DataPlane
-from dl_inference.errors import ServerError
+from dl_inference.errors import InvalidArgument, ServerError
 from dl_inference.protocol.generated import grpc_service_pb2 as pb
 from dl_inference.protocol.wire import route_fields, stream_response
 from dl_inference.security import (
@@ -43,17 +44,28 @@ def _status(exc: ServerError) -> grpc.StatusCode:
 
 
 def _unary(fn: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]], req_cls: Any) -> grpc.RpcMethodHandler:
-    async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def handler(request: bytes, context: grpc.aio.ServicerContext) -> Any:
         try:
-            return await fn(request, context)
+            # Parsed here, not by gRPC's request_deserializer: a DecodeError raised there escapes as
+            # UNKNOWN with a traceback in the log instead of the client's INVALID_ARGUMENT.
+            message = request if req_cls is None else _parse(req_cls, request)
+            return await fn(message, context)
         except ServerError as exc:
             await context.abort(_status(exc), exc.message)
 
     return grpc.unary_unary_rpc_method_handler(
         handler,
-        request_deserializer=req_cls.FromString if req_cls is not None else None,
         response_serializer=(lambda m: m.SerializeToString()) if req_cls is not None else None,
     )
+
+
+def _parse(req_cls: Any, data: bytes) -> Any:
+    try:
+        return req_cls.FromString(data)
+    except DecodeError:
+        raise InvalidArgument(
+            f"the request is not a valid {req_cls.DESCRIPTOR.full_name} message ({len(data)} bytes)"
+        ) from None
 
 
 def _unimplemented(name: str) -> grpc.RpcMethodHandler:

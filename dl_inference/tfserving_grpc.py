@@ -9,6 +9,7 @@ HandleReloadConfigRequest answer UNIMPLEMENTED.
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -16,7 +17,7 @@ import grpc
 from dl_inference.dataplane import DataPlane
 from dl_inference.grpc_frontend import _limit, _unary
 from dl_inference.protocol.generated import tf_serving_pb2 as tfs
-from dl_inference.protocol.tfserving import requested_version
+from dl_inference.protocol.tfserving import parse_request, requested_version
 from dl_inference.security import RateLimiter
 from dl_inference.tfserving_api import TfServingApi
 
@@ -44,6 +45,17 @@ def _unimplemented(service: str, method: str, why: str) -> grpc.RpcMethodHandler
     return grpc.unary_unary_rpc_method_handler(handler)
 
 
+def _parsed(fn: Callable[[Any, Any], Awaitable[Any]], message_class: Any) -> grpc.RpcMethodHandler:
+    """A unary handler that parses its request itself, so bytes that do not decode are an
+    INVALID_ARGUMENT (grpc's deserializer would answer UNKNOWN and log a traceback)."""
+
+    async def handler(data: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
+        response = await fn(parse_request(message_class, data), ctx)
+        return bytes(response.SerializeToString())
+
+    return _unary(handler, None)
+
+
 def tfserving_handlers(
     dp: DataPlane, limiter: RateLimiter | None = None, max_request_bytes: int | None = None
 ) -> tuple[grpc.GenericRpcHandler, ...]:
@@ -63,10 +75,10 @@ def tfserving_handlers(
         return await api.status(req.model_spec.name, requested_version(req.model_spec))
 
     prediction: dict[str, grpc.RpcMethodHandler] = {
-        "Predict": _unary(predict, tfs.PredictRequest),
-        "GetModelMetadata": _unary(get_model_metadata, tfs.GetModelMetadataRequest),
+        "Predict": _parsed(predict, tfs.PredictRequest),
+        "GetModelMetadata": _parsed(get_model_metadata, tfs.GetModelMetadataRequest),
     }
-    model: dict[str, grpc.RpcMethodHandler] = {"GetModelStatus": _unary(get_model_status, tfs.GetModelStatusRequest)}
+    model: dict[str, grpc.RpcMethodHandler] = {"GetModelStatus": _parsed(get_model_status, tfs.GetModelStatusRequest)}
     for (service, method), why in _NOT_IMPLEMENTED.items():
         (prediction if service == PREDICTION_SERVICE else model)[method] = _unimplemented(service, method, why)
     return (

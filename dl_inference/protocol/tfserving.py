@@ -24,9 +24,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError, Message
 
 from dl_inference.errors import InternalError, InvalidArgument, NotFound, ResourceExhausted
 from dl_inference.protocol.datatypes import BF16, numpy_dtype
@@ -50,6 +52,7 @@ __all__ = [
     "infer_to_predict",
     "label_to_version",
     "metadata_response",
+    "parse_request",
     "predict_to_infer",
     "requested_version",
     "signature_def_map",
@@ -108,6 +111,21 @@ _FIELD_DTYPE: dict[str, np.dtype] = {
     "bool_val": np.dtype(np.bool_),
 }
 _ALL_VALUE_FIELDS = (*sorted(set(_VALUE_FIELD.values())), "scomplex_val", "dcomplex_val", "float8_val")
+
+
+M = TypeVar("M", bound=Message)
+
+
+def parse_request(message_class: type[M], data: bytes) -> M:
+    """A request message from its wire bytes; InvalidArgument when they do not decode.
+
+    The gRPC handlers parse requests themselves: grpc's own deserializer answers bytes that do not
+    decode with UNKNOWN and logs a traceback for each such request."""
+    try:
+        return message_class.FromString(data)
+    except DecodeError:
+        name = f"tensorflow.serving.{message_class.DESCRIPTOR.name}"
+        raise InvalidArgument(f"the request is not a valid {name} message ({len(data)} bytes)") from None
 
 
 def _dtype_name(dtype: int) -> str:
@@ -183,6 +201,13 @@ def _shape_of(proto: tfs.TensorProto, label: str) -> list[int]:
     return [d.size for d in proto.tensor_shape.dim]
 
 
+def _check_budget(what: str, size: int, max_bytes: int | None) -> None:
+    if max_bytes is not None and size > max_bytes:
+        raise ResourceExhausted(
+            f"{what}, more than the {max_bytes} bytes a request may hold (setting max_request_bytes)"
+        )
+
+
 def _typed_values(
     proto: tfs.TensorProto, field: str, datatype: str, count: int, label: str, max_bytes: int | None
 ) -> bytes:
@@ -194,14 +219,16 @@ def _typed_values(
             f"{label}: {n} values in {field} for a tensor of {count} elements: give {count} values, "
             f"or one value to fill the tensor"
         )
-    if n == 1 and count > 1 and max_bytes is not None:
-        # A few bytes on the wire can ask for a huge tensor: refuse it before allocating it.
-        size = count * (4 + len(values[0]) if datatype == "BYTES" else numpy_dtype(datatype).itemsize)
-        if size > max_bytes:
-            raise ResourceExhausted(
-                f"{label}: filling {count} elements with one value makes {size} bytes, more than "
-                f"the {max_bytes} bytes a request may hold (setting max_request_bytes)"
-            )
+    if max_bytes is not None:
+        # A few bytes on the wire can ask for a huge tensor (one value filling a shape; a 1-byte
+        # varint per 8-byte int64): refuse it before allocating it.
+        fill = n == 1 and count > 1
+        if datatype == "BYTES":
+            size = 4 * count + (count * len(values[0]) if fill else sum(len(v) for v in values))
+        else:
+            size = count * numpy_dtype(datatype).itemsize
+        what = f"filling {count} elements with one value" if fill else f"{count} {datatype} values from {field}"
+        _check_budget(f"{label}: {what} makes {size} bytes", size, max_bytes)
     if datatype == "BYTES":
         items = list(values) if n == count else [values[0]] * count
         return serialize_bytes_tensor(np.array(items, dtype=np.object_))
@@ -230,7 +257,8 @@ def _typed_values(
 def tensor_to_v2(proto: tfs.TensorProto, name: str, max_bytes: int | None = None) -> tuple[str, list[int], bytes]:
     """(V2 datatype, shape, raw contents) of a request's TensorProto; InvalidArgument naming ``name``.
 
-    ``max_bytes`` caps what one value filling a larger shape may expand to (ResourceExhausted)."""
+    ``max_bytes`` caps the V2 contents' size (ResourceExhausted), checked before they are made: one
+    value filling a larger shape, or small typed values, take far more room there than on the wire."""
     label = f"input '{name}'"
     dtype = proto.dtype
     datatype = DT_TO_V2.get(dtype)
@@ -259,6 +287,7 @@ def tensor_to_v2(proto: tfs.TensorProto, name: str, max_bytes: int | None = None
                 f"{label}: tensor_content has {len(content)} bytes, but shape {_fmt_shape(shape)} "
                 f"{_dtype_name(dtype)} needs {count * itemsize} ({count} elements of {itemsize} bytes)"
             )
+        _check_budget(f"{label}: tensor_content has {len(content)} bytes", len(content), max_bytes)
         return datatype, shape, content
     return datatype, shape, _typed_values(proto, field, datatype, count, label, max_bytes)
 

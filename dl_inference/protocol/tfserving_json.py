@@ -59,6 +59,7 @@ def parse_predict_body(body: bytes, max_json_depth: int) -> PredictBody:
     signature = root.get("signature_name", "")
     if not isinstance(signature, str):
         raise InvalidArgument(f"'signature_name' must be a string, got {_json_type(signature)}")
+    check_unicode(signature, "'signature_name'")
     unknown = sorted(set(root) - {"signature_name", "instances", "inputs"})
     if unknown:
         raise InvalidArgument(
@@ -178,6 +179,7 @@ def predict_json_to_infer(
     inputs = {t.name: t.datatype for t in metadata.inputs}
     request = pb.ModelInferRequest(model_name=model, model_version=version)
     for name, value in _input_values(body, inputs, model).items():
+        check_unicode(name, "an input name")
         datatype = inputs.get(name)
         if datatype is None:
             raise InvalidArgument(

@@ -9,7 +9,7 @@ Properties:
 * valid requests (tritonclient's encoding, or JSON/binary mixed) round-trip exactly, and so do
   responses rendered with ``render_infer_response`` and read back by tritonclient.
 
-The TF-Serving REST translation does not exist yet (another issue), so it is not fuzzed here.
+The TF-Serving translation (gRPC and REST) is fuzzed in test_fuzz_tfserving.py.
 """
 
 from __future__ import annotations

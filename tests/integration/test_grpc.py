@@ -262,3 +262,17 @@ def test_grpc_health_and_reflection(server: RunningServer) -> None:
         replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
         names = {s.name for r in replies for s in r.list_services_response.service}
     assert {"inference.GRPCInferenceService", "grpc.health.v1.Health"} <= names
+
+
+@pytest.mark.parametrize("method", ["ModelMetadata", "ServerReady", "ModelConfig", "RepositoryIndex"])
+def test_undecodable_request_is_invalid_argument(server: RunningServer, method: str) -> None:
+    """Bytes that are no protobuf message: INVALID_ARGUMENT naming the message, not UNKNOWN + traceback."""
+    import grpc
+
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        call = channel.unary_unary(f"/inference.GRPCInferenceService/{method}")
+        with pytest.raises(grpc.RpcError) as info:
+            call(b"\xff\xff", timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "is not a valid inference." in (info.value.details() or "")
+    assert "DecodeError" not in server.log()
