@@ -66,3 +66,23 @@ def test_open_loop_http_binary_image_bytes(server: RunningServer, tmp_path: Path
     assert point["send_lag_ms"]["p50"] is not None and point["delayed_requests"] == 0
     assert point["checked_responses"] >= point["totals"]["requests"]  # --check-every 1: every response parsed
     assert report["request"]["inputs"][0]["datatype"] == "BYTES"
+
+
+def test_tf_serving_protocols_against_our_tf_serving_api(server: RunningServer, tmp_path: Path) -> None:
+    """perf's tfs-rest (row and columnar) and tfs-grpc against the gateway's own TF-Serving API; the
+    V2 statistics of the same server (--stats-url) see every request."""
+    for protocol, url, extra in (
+        ("tfs-rest", server.http_url, ["--tfs-format", "instances"]),
+        ("tfs-rest", server.http_url, ["--tfs-format", "inputs"]),
+        ("tfs-grpc", server.grpc_url, []),
+    ):
+        out = tmp_path / f"{protocol}.json"
+        rc = perf.main(
+            ["--url", url, "-i", protocol, "-m", "simple", "--input", "x:FP32:-1,16", "-b", "2", "-c", "2",
+             "--stats-url", server.http_url, *extra, *SHORT, "--json", str(out)]
+        )  # fmt: skip
+        report = json.loads(out.read_text())
+        assert rc == 0, (protocol, extra, report["points"][0]["error_samples"])
+        (point,) = report["points"]
+        assert point["protocol"] == protocol
+        check_point(point, batch=2)
