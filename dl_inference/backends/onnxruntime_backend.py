@@ -45,6 +45,7 @@ from dl_inference.backends.tensor_specs import (
 )
 from dl_inference.errors import InternalError, InvalidArgument, NotFound, ServerError, Unavailable
 from dl_inference.protocol.generated import model_config_pb2 as mc
+from dl_inference.repository.external_data import check_external_data
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +150,7 @@ class OnnxRuntimeBackend(Backend):
             model_path = model_path / DEFAULT_MODEL_FILENAME
         if not model_path.is_file():
             raise NotFound(f"model '{model_name}': model file {model_path} not found")
+        check_external_data(model_path, model_name)
 
         options = self._session_options(config)
         providers = self._providers_for(config, device, device_id)
