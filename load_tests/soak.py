@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from load_tests.bench_tiny import BenchError, Server, machine_info, stop_server
 from load_tests.faults import (
@@ -342,6 +343,7 @@ async def soak(gw: Server, args: argparse.Namespace) -> dict[str, Any]:
             "sample_s": args.sample_s,
             "request_timeout_s": args.request_timeout,
             "growth_target_pct": args.growth_target,
+            "server_settings": list(getattr(args, "server_setting", [])),
             "stall_every_s": args.stall_every,
             "stall_s": args.stall_s,
         },
@@ -406,6 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, default=RESULTS / "soak.json")
     p.add_argument("--txt", type=Path, default=RESULTS / "soak.txt")
     p.add_argument("--keep-logs", action="store_true")
+    p.add_argument(
+        "--server-setting", action="append", default=[], metavar="KEY=VALUE",
+        help="a gateway setting (YAML value), e.g. memory_trim_interval_s=0; repeatable",
+    )  # fmt: skip
     p.add_argument("--from-json", type=Path, default=None, metavar="REPORT",
                    help="print (and write --txt) the report of a saved --json run; no load")  # fmt: skip
     return p
@@ -431,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         repo = workdir / "repo"
         write_simple_model(repo, MODEL, example_model_file(workdir), instances=args.instances, dynamic_batching=False)
-        gw = start_gateway(workdir, "gateway-soak", repo, [MODEL])
+        settings = {k: yaml.safe_load(v) for k, _, v in (s.partition("=") for s in args.server_setting)}
+        gw = start_gateway(workdir, "gateway-soak", repo, [MODEL], config=settings or None)
         report = run_coroutine(soak(gw, args))
     except BenchError as exc:
         print(f"soak: {exc}", file=sys.stderr)

@@ -12,6 +12,7 @@ from dl_inference.config import ServerSettings
 from dl_inference.gateway.http_frontend import HttpFrontend, metrics_app
 from dl_inference.gateway.router import GatewayDataPlane
 from dl_inference.grpc_frontend import GrpcServer
+from dl_inference.memtrim import trim_every
 from dl_inference.security import TlsSettings
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ async def serve(settings: ServerSettings) -> int:
         )
     if settings.metrics_port:
         runners.append(await _serve_http(metrics_app(dp), settings.host, settings.metrics_port, "metrics", grace))
+    trimmer = asyncio.create_task(trim_every(settings.memory_trim_interval_s))
     # Listeners come up first so liveness answers while models load; readiness waits for them.
     start = asyncio.create_task(dp.start())
     stopped = asyncio.create_task(stop.wait())
@@ -82,6 +84,7 @@ async def serve(settings: ServerSettings) -> int:
     # accepting for drain_delay_s so load balancers notice, then stop accepting and let in-flight
     # requests finish within stop_grace_s on both transports; only then stop the workers.
     start.cancel()
+    trimmer.cancel()
     dp.stop_accepting()
     await grpc_server.set_not_serving()
     delay = dp.balancer.s.drain_delay_s
