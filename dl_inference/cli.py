@@ -52,6 +52,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--tls-cert", help="PEM certificate chain: HTTPS and gRPC over TLS (with --tls-key)")
     s.add_argument("--tls-key", help="PEM private key of --tls-cert")
     s.add_argument("--tls-ca", help="PEM CA: clients must present a certificate it signed (mutual TLS)")
+    s.add_argument("--node-token-file", help="file with the token this gateway sends its nodes (Authorization: Bearer)")
+    s.add_argument("--node-tls-ca", help="PEM CA that signed the nodes' certificates: call nodes over TLS")
+    s.add_argument("--node-tls-cert", help="PEM client certificate for nodes that require one (with --node-tls-key)")
+    s.add_argument("--node-tls-key", help="PEM private key of --node-tls-cert")
+    s.add_argument("--node-tls-server-name", help="check the nodes' certificates for this name, not their address")
     s.add_argument("--control-api", choices=("enabled", "disabled"), help="model control (load/unload/index)")
     s.add_argument("--control-port", type=int, help="serve model control only on this HTTP port (127.0.0.1)")
     s.add_argument(
@@ -273,6 +278,13 @@ def main(argv: list[str] | None = None) -> int:
         tls = {k: v for k, v in (("cert", args.tls_cert), ("key", args.tls_key), ("ca", args.tls_ca)) if v}
         if tls:
             settings.tls = {**settings.tls, **tls}
+        node_flags = (
+            ("token_file", args.node_token_file), ("tls_ca", args.node_tls_ca), ("tls_cert", args.node_tls_cert),
+            ("tls_key", args.node_tls_key), ("tls_server_name", args.node_tls_server_name),
+        )  # fmt: skip
+        node_client = {k: v for k, v in node_flags if v}
+        if node_client:
+            settings.node_client = {**settings.node_client, **node_client}
         if args.worker_environments:
             from dl_inference.config import parse_worker_environment
 

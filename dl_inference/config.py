@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from dl_inference.balancer.credentials import NodeClientSettings, NodeCredentials
 from dl_inference.balancer.settings import BalancerSettings, DnsSpec, NodeSpec, Topology
 from dl_inference.errors import InvalidArgument
 from dl_inference.security import AccessPolicy, RateLimiter, TlsSettings
@@ -42,6 +44,9 @@ class ServerSettings:
     # Requests the gateway holds at once over every model and transport; more are answered 429 /
     # RESOURCE_EXHAUSTED at once. 0: no gateway-wide bound (each model's max_queue_size still applies).
     max_inflight_requests: int = 0
+    # Every this many seconds the gateway hands freed heap memory back to the OS (glibc malloc_trim),
+    # so RSS comes back down after a burst of queued calls; 0: never.
+    memory_trim_interval_s: float = 60.0
     max_tensor_elements: int = 0  # per input tensor; 0: bounded only by max_request_bytes
     max_bytes_element: int = 0  # largest BYTES element in bytes; 0: bounded only by max_request_bytes
     # per-client request rate (clients keyed by token, else address): {requests_per_s, burst}; empty: off
@@ -54,6 +59,9 @@ class ServerSettings:
     node_file: str = ""
     node_dns: list[Any] = field(default_factory=list)  # "name:port" or {name, port, weight, models}
     balancer: dict[str, Any] = field(default_factory=dict)
+    # how this gateway calls its nodes: {token_file, tls, tls_ca, tls_cert, tls_key, tls_server_name}
+    # (see dl_inference/balancer/credentials.py); a node entry's own `client` replaces it for that node
+    node_client: dict[str, Any] = field(default_factory=dict)
     # security (see dl_inference/security.py and the README)
     auth: dict[str, Any] = field(default_factory=dict)  # tokens / tokens_file / admin_tokens / admin_tokens_file
     tls: dict[str, Any] = field(default_factory=dict)  # cert / key / ca (ca: client certificates required)
@@ -79,8 +87,14 @@ class ServerSettings:
             return "disabled"
         return "elsewhere" if self.control_port else "here"
 
+    def node_credentials(self) -> NodeCredentials:
+        """``node_client`` with its files read (once per distinct setting, so later calls cannot fail)."""
+        return _load_node_credentials(NodeClientSettings.parse(self.node_client, "node_client"))
+
     def balancer_settings(self) -> BalancerSettings:
-        return BalancerSettings.from_mapping(self.balancer)
+        settings = BalancerSettings.from_mapping(self.balancer)
+        settings.node_client = self.node_credentials()
+        return settings
 
     def topology(self) -> Topology:
         return Topology(
@@ -102,6 +116,8 @@ class ServerSettings:
             raise InvalidArgument("max_request_bytes must be positive")
         if self.body_idle_timeout_s <= 0:
             raise InvalidArgument("body_idle_timeout_s must be positive")
+        if self.memory_trim_interval_s < 0:
+            raise InvalidArgument("memory_trim_interval_s must be >= 0 (0: never)")
         if self.max_inflight_requests < 0:
             raise InvalidArgument("max_inflight_requests must be >= 0 (0: no limit)")
         if self.grpc_max_pending_calls < 1:
@@ -115,7 +131,7 @@ class ServerSettings:
             raise InvalidArgument("balancer must be a mapping of settings")
         if not isinstance(self.nodes, list) or not isinstance(self.node_dns, list):
             raise InvalidArgument("nodes and node_dns must be lists")
-        self.balancer_settings()
+        self.balancer_settings()  # reads node_client's files too
         self.topology()
         if self.control_api not in CONTROL_API:
             raise InvalidArgument(f"control_api must be one of {', '.join(CONTROL_API)}, got '{self.control_api}'")
@@ -124,6 +140,11 @@ class ServerSettings:
         self.access_policy()
         self.tls_settings()
         validate_worker_environments(self.worker_environments)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_node_credentials(settings: NodeClientSettings) -> NodeCredentials:
+    return settings.load("node_client")
 
 
 def validate_worker_environments(environments: object) -> None:

@@ -1,12 +1,12 @@
 """Where remote nodes come from: the server config, a node file re-read on change, DNS names.
 
 A node file is YAML — a list of nodes, or a mapping with a ``nodes`` list — where each node is
-``host:port[@weight]`` or ``{address, weight, models}``; plain text with one ``host:port [weight]``
+``host:port[@weight]`` or ``{address, weight, models, client}``; plain text with one ``host:port [weight]``
 per line (``#`` comments) works too, as dl_inference's node lists did. A file that cannot be read or
-parsed leaves the previous list in place (and says why in the log).
+parsed (a node's ``client`` files included) leaves the previous list in place (and says why in the log).
 
 A DNS name is resolved every ``dns_refresh_s``; each A/AAAA record becomes a node with the entry's
-port, weight and models. A failed lookup keeps the previous records.
+port, weight, models and client credentials. A failed lookup keeps the previous records.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ class DnsNodes:
             return False
         self.error = ""
         source = f"dns {self.spec.name}"
-        nodes = [NodeSpec(a, self.spec.weight, self.spec.models, source) for a in addresses]
+        nodes = [NodeSpec(a, self.spec.weight, self.spec.models, source, self.spec.client) for a in addresses]
         if nodes == self.nodes:
             return False
         log.info("DNS %s: %s", self.spec.name, ", ".join(addresses) or "no records")

@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from dl_inference.balancer.credentials import NodeCredentials, parse_credentials
 from dl_inference.errors import InvalidArgument
 
 POLICIES = ("least_request", "weighted_round_robin")
@@ -48,11 +49,14 @@ class BalancerSettings:
     node_file_poll_s: float = 1.0
     # drain
     drain_delay_s: float = 0.0  # after NOT_SERVING, keep accepting this long (load balancers notice)
+    # How nodes without a `client` of their own are called: the server's `node_client` setting,
+    # not a key of the `balancer:` section.
+    node_client: NodeCredentials = field(default_factory=NodeCredentials, compare=False)
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any] | None) -> BalancerSettings:
         data = dict(data or {})
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls)} - {"node_client"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise InvalidArgument(f"balancer: unknown setting(s) {', '.join(unknown)}")
@@ -104,16 +108,18 @@ def _typed(name: str, value: Any, kind: type) -> Any:
 
 @dataclass(frozen=True)
 class NodeSpec:
-    """One remote V2 gRPC endpoint. ``models`` empty: learned from the node's repository index."""
+    """One remote V2 gRPC endpoint. ``models`` empty: learned from the node's repository index.
+    ``client`` None: called as the server's ``node_client`` says."""
 
     address: str
     weight: float = 1.0
     models: tuple[str, ...] = ()
     source: str = "config"
+    client: NodeCredentials | None = None
 
     @classmethod
     def parse(cls, item: Any, source: str) -> NodeSpec:
-        """From a mapping ``{address, weight, models}`` or a string ``host:port[@weight]``."""
+        """From a mapping ``{address, weight, models, client}`` or a string ``host:port[@weight]``."""
         if isinstance(item, str):
             address, _, weight_text = item.strip().partition("@")
             data: dict[str, Any] = {"address": address, "weight": weight_text or 1.0}
@@ -121,7 +127,7 @@ class NodeSpec:
             data = dict(item)
         else:
             raise InvalidArgument(f"{source}: a node must be 'host:port[@weight]' or a mapping, not {item!r}")
-        unknown = sorted(set(data) - {"address", "weight", "models"})
+        unknown = sorted(set(data) - {"address", "weight", "models", "client"})
         if unknown:
             raise InvalidArgument(f"{source}: unknown node field(s) {', '.join(unknown)}")
         address = str(data.get("address", "")).strip()
@@ -137,7 +143,9 @@ class NodeSpec:
         models = data.get("models") or ()
         if isinstance(models, str) or not all(isinstance(m, str) for m in models):
             raise InvalidArgument(f"{source}: node {address} models must be a list of model names")
-        return cls(address, weight, tuple(models), source)
+        client = data.get("client")  # None: the server's node_client; {}: plain gRPC, no token
+        creds = None if client is None else parse_credentials(client, f"{source}: node {address} client")
+        return cls(address, weight, tuple(models), source, creds)
 
 
 @dataclass(frozen=True)
@@ -148,6 +156,7 @@ class DnsSpec:
     port: int
     weight: float = 1.0
     models: tuple[str, ...] = ()
+    client: NodeCredentials | None = None  # None: the server's node_client
 
     @classmethod
     def parse(cls, item: Any) -> DnsSpec:
@@ -158,13 +167,14 @@ class DnsSpec:
             item = {"name": host, "port": port}
         if not isinstance(item, dict) or "name" not in item or "port" not in item:
             raise InvalidArgument(f"node_dns entry {item!r} needs 'name' and 'port' ('name:port' or a mapping)")
-        unknown = sorted(set(item) - {"name", "port", "weight", "models"})
+        unknown = sorted(set(item) - {"name", "port", "weight", "models", "client"})
         if unknown:
             raise InvalidArgument(f"node_dns: unknown field(s) {', '.join(unknown)}")
-        # The same checks as a node entry: host:port, a positive weight, a list of model names.
-        node = {"address": f"{item['name']}:{item['port']}", **{k: item[k] for k in ("weight", "models") if k in item}}
+        # The same checks as a node entry: host:port, a positive weight, model names, client settings.
+        passed = ("weight", "models", "client")
+        node = {"address": f"{item['name']}:{item['port']}", **{k: item[k] for k in passed if k in item}}
         spec = NodeSpec.parse(node, "node_dns")
-        return cls(str(item["name"]), int(str(item["port"])), spec.weight, spec.models)
+        return cls(str(item["name"]), int(str(item["port"])), spec.weight, spec.models, spec.client)
 
 
 @dataclass

@@ -437,6 +437,11 @@ class GatewayDataPlane(DataPlane):
         if versions:
             listed = ", ".join(sorted(v for v in versions if v != ANY_VERSION))
             raise NotFound(f"model '{name}' has no version {version} on any node (versions: {listed})")
+        # Not NOT_FOUND while a node that may serve it cannot be asked (unreachable, or refusing us).
+        unknown = [n for n in self.balancer.nodes.values() if n.models_unknown]
+        if name and unknown and name not in self.load_errors:
+            why = "; ".join(f"node {n.name} {n.last_error or 'has not listed its models yet'}" for n in unknown)
+            raise Unavailable(f"model '{name}' is unknown here but may be on a node whose models are unknown: {why}")
         self._model(name)  # raises the usual NotFound / Unavailable
         raise NotFound(f"unknown model '{name}'")
 
@@ -511,7 +516,7 @@ class GatewayDataPlane(DataPlane):
     def endpoint_table(self) -> dict[str, Any]:
         sets = self._endpoint_sets()
         seen: dict[str, Any] = {}
-        for endpoints in sets.values():
+        for endpoints in [*sets.values(), self.balancer.nodes.values()]:  # nodes serving nothing (yet) too
             for ep in endpoints:
                 seen.setdefault(ep.name, ep)
         return {

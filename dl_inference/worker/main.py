@@ -3,7 +3,8 @@
 Spawned by the gateway with ``--connect SOCKET --token T``: the worker loads its model, connects to
 the gateway's Unix socket and says HELLO (or LOAD_FAILED with the reason), then serves framed
 requests until the gateway goes away. With ``--grpc-port`` it also (or only) serves V2 gRPC, so it
-can be a standalone node behind another gateway.
+can be a standalone node behind another gateway; ``--auth-token-file`` and ``--tls-cert/--tls-key
+[--tls-ca]`` protect that port as they protect a gateway's (tokens, TLS, mutual TLS).
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 from pathlib import Path
 
 from dl_inference.errors import WIRE_CODE, ServerError
 from dl_inference.protocol.framing import ExecStats, FrameProtocol, Kind, pack_token
+from dl_inference.security import AccessPolicy, TlsSettings
 from dl_inference.worker.executor import InstanceExecutor
 from dl_inference.worker.loader import LoadedModel, load_model_version
 
@@ -65,7 +68,14 @@ async def _report_failure(socket_path: str, token: str, reason: str) -> None:
     await asyncio.wait_for(done.wait(), 5)
 
 
-async def run_worker(args: argparse.Namespace) -> int:
+def grpc_security(args: argparse.Namespace) -> tuple[AccessPolicy, TlsSettings]:
+    """The V2 gRPC port's tokens and TLS, from the flags; InvalidArgument naming a bad file."""
+    access = AccessPolicy.from_mapping({"tokens_file": args.auth_token_file} if args.auth_token_file else {})
+    tls = TlsSettings.from_mapping({"cert": args.tls_cert, "key": args.tls_key, "ca": args.tls_ca})
+    return access, tls
+
+
+async def run_worker(args: argparse.Namespace, access: AccessPolicy, tls: TlsSettings) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -101,9 +111,11 @@ async def run_worker(args: argparse.Namespace) -> int:
         from dl_inference.worker.dataplane import WorkerDataPlane
 
         dp = WorkerDataPlane(loaded, executor)
-        grpc_server = GrpcServer(dp, args.host, args.grpc_port, args.max_request_bytes)
+        grpc_server = GrpcServer(dp, args.host, args.grpc_port, args.max_request_bytes, access=access, tls=tls)
         await grpc_server.start()
-        log.info("worker for '%s' serving V2 gRPC on %s:%d", args.model, args.host, grpc_server.port)
+        how = "TLS, client certificates required" if tls.ca else "TLS" if tls.enabled else "plain"
+        how += f", {len(access.inference)} token(s) accepted" if access.enabled else ", no token needed"
+        log.info("worker for '%s' serving V2 gRPC on %s:%d (%s)", args.model, args.host, grpc_server.port, how)
     await asyncio.wait(waits)
     if grpc_server is not None:
         await grpc_server.stop(grace=5)
@@ -125,12 +137,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-request-bytes", type=int, default=96 * 1024 * 1024)
     p.add_argument("--max-tensor-elements", type=int, default=0, help="per input tensor (0: no separate limit)")
     p.add_argument("--max-bytes-element", type=int, default=0, help="largest BYTES element (0: no separate limit)")
+    p.add_argument("--auth-token-file", help="--grpc-port: tokens, one per line; calls need 'Authorization: Bearer'")
+    p.add_argument("--tls-cert", help="--grpc-port: PEM certificate chain, serve gRPC over TLS (with --tls-key)")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.add_argument("--tls-ca", help="PEM CA: callers must present a certificate it signed (mutual TLS)")
 
 
 def main(args: argparse.Namespace) -> int:
     if args.connect is None and args.grpc_port is None:
         args.grpc_port = 8001
+    try:  # before the model loads: a bad token or certificate file is an error at once
+        access, tls = grpc_security(args)
+    except ServerError as exc:
+        print(f"dl-inference worker: {exc.message}", file=sys.stderr)
+        return 2
     from dl_inference.eventloop import run
 
     log.debug("worker pid %d", os.getpid())
-    return run(run_worker(args))
+    return run(run_worker(args, access, tls))
