@@ -23,7 +23,7 @@ ITEX_TF_VERSION ?= 2.15.1
 
 .PHONY: install serve examples test test-unit test-integration fuzz lint proto proto-check bench clean bench-balancer perf \
 	mlserver-env bench-mlserver itex-env bench-tensorflow-cpu \
-	bench-pytorch-gpu faults faults-quick soak
+	bench-pytorch-gpu faults faults-quick soak k8s-validate
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -153,6 +153,22 @@ bench-tensorflow-cpu: install itex-env
 # dl-inference serve vs MLServer on the same models, same client (~10 min).
 bench-mlserver: install mlserver-env
 	$(PY) -m load_tests.compare_mlserver --mlserver-venv $(MLSERVER_VENV)
+
+# Kubernetes manifests (docker/k8s), offline, no cluster: every manifest strictly against the API schemas
+# of Kubernetes 1.30-1.37 (kubernetes-validate, in its own small venv), the kustomize rendering where
+# kubectl is installed, then the consistency tests (tests/unit/test_k8s_manifests.py). A few seconds.
+K8S_VENV ?= .venv-k8s
+K8S_VALIDATE_VERSION ?= 1.37.0
+K8S_VERSIONS ?= 1.30,1.31,1.32,1.33,1.34,1.35,1.36,1.37
+
+$(K8S_VENV)/.installed-$(K8S_VALIDATE_VERSION):
+	$(PYTHON) -m venv $(K8S_VENV)
+	$(K8S_VENV)/bin/python -m pip install -q 'kubernetes-validate==$(K8S_VALIDATE_VERSION)'
+	touch $@
+
+k8s-validate: install $(K8S_VENV)/.installed-$(K8S_VALIDATE_VERSION)
+	$(K8S_VENV)/bin/python docker/k8s/validate.py --versions $(K8S_VERSIONS)
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit/test_k8s_manifests.py
 
 clean:
 	rm -rf $(VENV) $(MLSERVER_VENV) $(ITEX_VENV) examples/models .pytest_cache .mypy_cache .ruff_cache
