@@ -41,12 +41,14 @@ serve: examples
 	$(PY) -m dl_inference serve --model-repository $(REPO) \
 		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
-# The ITEX worker environment is part of the suite (tests/integration/test_itex_env.py; built once, ~1 min).
+# The ITEX worker environment is part of the suite (tests/integration/test_itex_env.py; built once, ~1 min),
+# and so is the compose stack under podman (test-containers: ~5 min cold, ~1.5 min with images cached).
 test: install itex-env
 	$(PY) scripts/gen_protos.py --check
 	$(VENV)/bin/ruff check dl_inference tests load_tests scripts
 	$(VENV)/bin/mypy dl_inference
 	$(PY) -m pytest -q -ra
+	$(MAKE) test-containers
 
 test-unit: install
 	$(PY) -m pytest -q tests/unit
