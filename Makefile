@@ -46,6 +46,7 @@ serve: examples
 test: install itex-env
 	$(PY) scripts/gen_protos.py --check
 	$(VENV)/bin/ruff check dl_inference tests load_tests scripts
+	$(VENV)/bin/ruff format --check dl_inference tests load_tests scripts
 	$(VENV)/bin/mypy dl_inference
 	$(PY) -m pytest -q -ra
 	$(MAKE) test-containers

@@ -35,9 +35,7 @@ class DataPlane(abc.ABC):
     def model_ready(self, name: str, version: str) -> bool: ...
 
     def server_metadata(self) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(
-            name=self.server_name, version=__version__, extensions=list(self.extensions)
-        )
+        return pb.ServerMetadataResponse(name=self.server_name, version=__version__, extensions=list(self.extensions))
 
     @abc.abstractmethod
     def model_metadata(self, name: str, version: str) -> pb.ModelMetadataResponse: ...

@@ -119,9 +119,7 @@ def build_handler(dp: DataPlane, limiter: RateLimiter | None = None) -> grpc.Gen
         await dp.load_model(req.model_name, params)
         return pb.RepositoryModelLoadResponse()
 
-    async def repository_unload(
-        req: pb.RepositoryModelUnloadRequest, ctx: Any
-    ) -> pb.RepositoryModelUnloadResponse:
+    async def repository_unload(req: pb.RepositoryModelUnloadRequest, ctx: Any) -> pb.RepositoryModelUnloadResponse:
         await dp.unload_model(req.model_name)
         return pb.RepositoryModelUnloadResponse()
 

@@ -95,9 +95,7 @@ def parameter_int(config: ModelConfig, key: str, default: int, minimum: int | No
     try:
         value = int(raw.strip())
     except ValueError:
-        raise InvalidArgument(
-            f"model '{config.name}': parameter '{key}' must be an integer, got '{raw}'"
-        ) from None
+        raise InvalidArgument(f"model '{config.name}': parameter '{key}' must be an integer, got '{raw}'") from None
     if minimum is not None and value < minimum:
         raise InvalidArgument(f"model '{config.name}': parameter '{key}' must be >= {minimum}, got {value}")
     return value
@@ -170,9 +168,7 @@ def get_backend(name: str) -> Backend:
     key = _ALIASES.get(name, name)
     target = _REGISTRY.get(key)
     if target is None:
-        raise InvalidArgument(
-            f"unknown backend '{name}'; available backends: {', '.join(available_backends())}"
-        )
+        raise InvalidArgument(f"unknown backend '{name}'; available backends: {', '.join(available_backends())}")
     module_name, _, class_name = target.partition(":")
     try:
         module = importlib.import_module(module_name)

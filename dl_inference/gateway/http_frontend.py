@@ -347,9 +347,7 @@ class HttpFrontend:
                 )
             shape[unknown[0]] = nbytes // (known * size)
         elif unknown:
-            raise InvalidArgument(
-                f"input '{tensor.name}' has shape {shape}; a raw binary request cannot say its shape"
-            )
+            raise InvalidArgument(f"input '{tensor.name}' has shape {shape}; a raw binary request cannot say its shape")
         return tensor.name, tensor.datatype, shape
 
     async def endpoints(self, request: web.Request) -> web.Response:
@@ -367,9 +365,7 @@ class HttpFrontend:
             except ValueError:
                 raise InvalidArgument(f"{HEADER_LENGTH} must be an integer, got '{header}'") from None
             if header_length < 0 or header_length > len(body):
-                raise InvalidArgument(
-                    f"{HEADER_LENGTH} {header_length} is outside the body's {len(body)} bytes"
-                )
+                raise InvalidArgument(f"{HEADER_LENGTH} {header_length} is outside the body's {len(body)} bytes")
             if header_length == 0:
                 raw_input = self._raw_input(name, version, len(body))
         infer_request, policy = parse_infer_request(

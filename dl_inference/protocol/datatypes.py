@@ -39,9 +39,7 @@ def numpy_dtype(datatype: str) -> np.dtype:
     try:
         return _V2_TO_NUMPY[datatype]
     except KeyError:
-        raise InvalidArgument(
-            f"unknown datatype '{datatype}', expected one of {', '.join(V2_DATATYPES)}"
-        ) from None
+        raise InvalidArgument(f"unknown datatype '{datatype}', expected one of {', '.join(V2_DATATYPES)}") from None
 
 
 def datatype_of(dtype: np.dtype) -> str:

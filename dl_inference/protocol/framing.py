@@ -68,7 +68,6 @@ class ExecStats:
         )
 
 
-
 def pack_token(token: str, body: bytes) -> bytes:
     raw = token.encode()
     return TOKEN_LEN.pack(len(raw)) + raw + body

@@ -29,9 +29,7 @@ def platform_of(config: mc.ModelConfig) -> str:
 
 
 def model_metadata(config: mc.ModelConfig, versions: Iterable[str]) -> pb.ModelMetadataResponse:
-    response = pb.ModelMetadataResponse(
-        name=config.name, versions=list(versions), platform=platform_of(config)
-    )
+    response = pb.ModelMetadataResponse(name=config.name, versions=list(versions), platform=platform_of(config))
     for tensor in config.input:
         response.inputs.add(
             name=tensor.name, datatype=dtype_name(tensor.data_type), shape=wire_shape(config, tensor.dims)

@@ -150,8 +150,7 @@ def _parse_yaml(text: str, path: Path) -> ModelConfig:
         data = {}
     if not isinstance(data, dict):
         raise InvalidArgument(
-            f"cannot parse {path}: the top level must be a mapping of ModelConfig fields, "
-            f"not {type(data).__name__}"
+            f"cannot parse {path}: the top level must be a mapping of ModelConfig fields, not {type(data).__name__}"
         )
     config = ModelConfig()
     try:
@@ -337,8 +336,7 @@ def _validate_tensor(model: str, kind: str, t: Any, seen: set[str]) -> None:
         dims = list(t.dims)
         if -1 not in dims and -1 not in shape and _product(dims) != _product(shape):
             raise InvalidArgument(
-                f"{where}: reshape {shape} has {_product(shape)} elements but dims {dims} "
-                f"have {_product(dims)}"
+                f"{where}: reshape {shape} has {_product(shape)} elements but dims {dims} have {_product(dims)}"
             )
 
 

@@ -82,9 +82,7 @@ def resolve_inside(root: Path, *parts: str | os.PathLike[str]) -> Path:
     except (OSError, RuntimeError, ValueError) as e:  # symlink loop, NUL byte, ...
         raise InvalidArgument(f"cannot resolve {'/'.join(map(str, parts))!r} in {root}: {e}") from e
     if not target.is_relative_to(root_resolved):
-        raise InvalidArgument(
-            f"path {'/'.join(map(str, parts))!r} leads outside the model repository {root_resolved}"
-        )
+        raise InvalidArgument(f"path {'/'.join(map(str, parts))!r} leads outside the model repository {root_resolved}")
     return target
 
 
@@ -156,9 +154,7 @@ def _load_source(root: Path, name: str, model_dir: Path) -> ModelSource:
 
     available = list_versions(model_dir)
     if not available:
-        raise InvalidArgument(
-            f"model '{name}' has no version directories (numbered subdirectories such as '{name}/1')"
-        )
+        raise InvalidArgument(f"model '{name}' has no version directories (numbered subdirectories such as '{name}/1')")
     policy = config.version_policy if config.HasField("version_policy") else None
     try:
         selected = select_versions(available, policy)

@@ -40,9 +40,7 @@ def list_versions(model_dir: Path) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
-def select_versions(
-    available: dict[int, Path], policy: model_config_pb2.ModelVersionPolicy | None = None
-) -> list[int]:
+def select_versions(available: dict[int, Path], policy: model_config_pb2.ModelVersionPolicy | None = None) -> list[int]:
     """The versions to serve, ascending, by Triton's version policy.
 
     No policy means ``latest { num_versions: 1 }``. ``all`` takes every available version,

@@ -32,7 +32,8 @@ class WorkerDataPlane(DataPlane):
     def _check(self, name: str, version: str) -> None:
         if name != self.name or version not in ("", self.version):
             raise NotFound(
-                f"unknown model '{name}'" + (f" version {version}" if version else "")
+                f"unknown model '{name}'"
+                + (f" version {version}" if version else "")
                 + f"; this worker serves '{self.name}' version {self.version}"
             )
 

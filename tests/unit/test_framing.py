@@ -18,12 +18,8 @@ async def _pair() -> tuple[FrameProtocol, FrameProtocol, list[tuple], list[tuple
     got_a: list[tuple] = []
     got_b: list[tuple] = []
     loop = asyncio.get_running_loop()
-    _, a = await loop.create_connection(
-        lambda: FrameProtocol(lambda *f: got_a.append(f), lambda e: None), sock=a_sock
-    )
-    _, b = await loop.create_connection(
-        lambda: FrameProtocol(lambda *f: got_b.append(f), lambda e: None), sock=b_sock
-    )
+    _, a = await loop.create_connection(lambda: FrameProtocol(lambda *f: got_a.append(f), lambda e: None), sock=a_sock)
+    _, b = await loop.create_connection(lambda: FrameProtocol(lambda *f: got_b.append(f), lambda e: None), sock=b_sock)
     return a, b, got_a, got_b
 
 

@@ -188,9 +188,7 @@ def test_generated_code_is_up_to_date() -> None:
         timeout=120,
     )
     assert proc.returncode == 0, (
-        "dl_inference/protocol/generated is stale; run `python scripts/gen_protos.py`\n"
-        + proc.stdout
-        + proc.stderr
+        "dl_inference/protocol/generated is stale; run `python scripts/gen_protos.py`\n" + proc.stdout + proc.stderr
     )
 
 
@@ -214,9 +212,7 @@ def test_generated_package_imports_and_basic_shape() -> None:
 
 def test_schema_matches_tritonclient(our_pool, triton_pool) -> None:
     problems: list[str] = []
-    for ours_fdp, theirs_fdp in zip(
-        _file_protos(_our_sources()), _file_protos(_triton_sources()), strict=True
-    ):
+    for ours_fdp, theirs_fdp in zip(_file_protos(_our_sources()), _file_protos(_triton_sources()), strict=True):
         assert ours_fdp.name == theirs_fdp.name
         assert ours_fdp.package == theirs_fdp.package == "inference"
         ours = our_pool.FindFileByName(ours_fdp.name)
@@ -230,9 +226,7 @@ def test_schema_matches_tritonclient(our_pool, triton_pool) -> None:
             if list(a) != list(b):
                 problems.append(f"{ours.name}: top-level {kind} {list(a)} != {list(b)}")
         for name in sorted(set(ours.message_types_by_name) & set(theirs.message_types_by_name)):
-            _diff_message(
-                ours.message_types_by_name[name], theirs.message_types_by_name[name], name, problems
-            )
+            _diff_message(ours.message_types_by_name[name], theirs.message_types_by_name[name], name, problems)
         for name in sorted(set(ours.enum_types_by_name) & set(theirs.enum_types_by_name)):
             _diff_enum(ours.enum_types_by_name[name], theirs.enum_types_by_name[name], name, problems)
         for name in sorted(set(ours.services_by_name) & set(theirs.services_by_name)):

@@ -76,9 +76,7 @@ def apply_preprocess(model: onnx.ModelProto, pre: Preprocess) -> onnx.ModelProto
     channels = dims[1].dim_value if len(dims) > 1 and dims[1].HasField("dim_value") else None
     for label, values in (("caffe_channel_swap", pre.channel_swap), ("caffe_mean", pre.mean)):
         if values is not None and channels is not None and len(values) not in (1, channels):
-            raise InvalidArgument(
-                f"{label} has {len(values)} values but input '{target.name}' has {channels} channels"
-            )
+            raise InvalidArgument(f"{label} has {len(values)} values but input '{target.name}' has {channels} channels")
     raw = target.name
     inner = f"{raw}__caffe_preprocessed"
     for node in graph.node:
