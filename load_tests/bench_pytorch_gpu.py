@@ -167,6 +167,44 @@ class Output:
         self.txt_path.write_text("\n".join(self.lines) + "\n")
 
 
+def run_bench(
+    tool: str,
+    out_dir: Path,
+    name: str,
+    keep: bool,
+    bench_fn: Callable[[Path, Output], dict[str, Any]],
+    report: Callable[[dict[str, Any]], str],
+) -> tuple[int, dict[str, Any] | None]:
+    """A benchmark's main: ``bench_fn(workdir, say)`` in a temporary work directory, its report printed
+    and saved as ``out_dir/name.{json,txt}``. Returns (0, result), or (2, None) when it failed (the
+    server log is copied beside the results: a remote run's temporary directory does not come back;
+    the work directory is kept), or (130, None) when interrupted (SIGTERM too: the server is stopped)."""
+    say = Output(out_dir / f"{name}.json", out_dir / f"{name}.txt")
+    workdir = Path(tempfile.mkdtemp(prefix=f"{tool}_"))
+    try:
+        with sigterm_as_interrupt():
+            result = bench_fn(workdir, say)
+    except BenchError as exc:
+        say(f"FAILED: {exc}")
+        if (workdir / "server.log").exists():
+            shutil.copyfile(workdir / "server.log", out_dir / f"{name}.server.log")
+            print(f"{tool}: server log copied to {out_dir / (name + '.server.log')}", file=sys.stderr, flush=True)
+        keep = True
+        return 2, None
+    except KeyboardInterrupt:
+        print(f"{tool}: interrupted; server stopped", file=sys.stderr, flush=True)
+        return 130, None
+    finally:
+        if keep:
+            print(f"{tool}: work directory (server log, repository) kept in {workdir}", file=sys.stderr, flush=True)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    say(report(result))
+    say.save(result, complete=True)
+    print(f"wrote {say.json_path} and {say.txt_path}", flush=True)
+    return 0, result
+
+
 # ---------------------------------------------------------------------------------------------
 # model repository
 
@@ -1014,33 +1052,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.ceiling_worker is not None:
         return ceiling_worker(args.ceiling_worker)
     args = resolve_defaults(args)
-    say = Output(args.out_dir / f"{args.name}.json", args.out_dir / f"{args.name}.txt")
-    workdir = Path(tempfile.mkdtemp(prefix="bench_pytorch_"))
-    keep = args.keep_logs
-    try:
-        with sigterm_as_interrupt():
-            result = bench(args, workdir, say)
-    except BenchError as exc:
-        print(f"bench_pytorch_gpu: {exc}", file=sys.stderr, flush=True)
-        say.lines.append(f"FAILED: {exc}")
-        if say.txt_path is not None:
-            say.txt_path.write_text("\n".join(say.lines) + "\n")
-        if (workdir / "server.log").exists():  # beside the results: a remote run's temp dir does not come back
-            shutil.copyfile(workdir / "server.log", args.out_dir / f"{args.name}.server.log")
-            print(f"bench_pytorch_gpu: server log copied to {args.out_dir / (args.name + '.server.log')}", flush=True)
-        keep = True
-        return 2
-    except KeyboardInterrupt:
-        print("bench_pytorch_gpu: interrupted; server stopped", file=sys.stderr, flush=True)
-        return 130
-    finally:
-        if keep:
-            print(f"bench_pytorch_gpu: server log and repository kept in {workdir}", file=sys.stderr, flush=True)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-    say(report_text(result))
-    say.save(result, complete=True)
-    print(f"wrote {say.json_path} and {say.txt_path}", flush=True)
+    status, result = run_bench(
+        "bench_pytorch_gpu", args.out_dir, args.name, args.keep_logs, lambda w, say: bench(args, w, say), report_text
+    )
+    if result is None:
+        return status
     missed = [k for k, r in result["ratios"].items() if not r["met"]]
     return 1 if args.check and missed else 0
 

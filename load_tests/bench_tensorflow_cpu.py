@@ -41,12 +41,11 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from load_tests.bench_pytorch_gpu import Output, format_table, load_model, measure, summary_row
+from load_tests.bench_pytorch_gpu import Output, format_table, load_model, measure, run_bench, summary_row
 from load_tests.bench_tiny import (
     REPO_ROOT,
     BenchError,
@@ -54,7 +53,6 @@ from load_tests.bench_tiny import (
     machine_info,
     ours_command,
     ratio,
-    sigterm_as_interrupt,
     start_server,
     stop_server,
     wait_ready,
@@ -343,30 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    say = Output(args.out_dir / f"{args.name}.json", args.out_dir / f"{args.name}.txt")
-    workdir = Path(tempfile.mkdtemp(prefix="bench_tf_"))
-    keep = args.keep
-    try:
-        with sigterm_as_interrupt():
-            result = bench(args, workdir, say)
-    except BenchError as exc:
-        say(f"FAILED: {exc}")
-        if (workdir / "server.log").exists():
-            shutil.copyfile(workdir / "server.log", args.out_dir / f"{args.name}.server.log")
-        keep = True
-        return 2
-    except KeyboardInterrupt:
-        print("bench_tensorflow_cpu: interrupted; server stopped", file=sys.stderr, flush=True)
-        return 130
-    finally:
-        if keep:
-            print(f"bench_tensorflow_cpu: work directory kept in {workdir}", file=sys.stderr, flush=True)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-    say(report_text(result))
-    say.save(result, complete=True)
-    print(f"wrote {say.json_path} and {say.txt_path}", flush=True)
-    return 0
+    status, _ = run_bench(
+        "bench_tensorflow_cpu", args.out_dir, args.name, args.keep, lambda w, say: bench(args, w, say), report_text
+    )
+    return status
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ import numpy as np
 
 from dl_inference.backends.base import Backend, parameter_bool
 from dl_inference.backends.cuda_memory import CudaApi, InstanceMemory, format_bytes, load_cuda_api
+from dl_inference.backends.tensor_specs import IOSpec, dims_compatible, shape_str
 from dl_inference.convert.tensorrt.builder import current_env, import_tensorrt, trt_logger
 from dl_inference.convert.tensorrt.engine_cache import EngineMismatch
 from dl_inference.convert.tensorrt.pipeline import resolve_engine
@@ -65,14 +66,6 @@ _NUMPY = {
 }  # fmt: skip
 
 
-def _shape_str(shape: Sequence[int]) -> str:
-    return "[" + ",".join(str(d) for d in shape) + "]"
-
-
-def _compatible(a: Sequence[int], b: Sequence[int]) -> bool:
-    return len(a) == len(b) and all(x == -1 or y == -1 or x == y for x, y in zip(a, b, strict=True))
-
-
 @dataclass(frozen=True)
 class _EngineTensor:
     """An engine I/O tensor. ``profile`` (inputs only) is profile 0's min/opt/max."""
@@ -86,18 +79,6 @@ class _EngineTensor:
     @property
     def dtype(self) -> np.dtype:
         return _NUMPY[self.datatype]
-
-
-@dataclass(frozen=True)
-class _IOSpec:
-    """A tensor as served: ``shape`` is the client's (batch -1 first when batching); ``model_shape``
-    the engine's when the config has a ``reshape``."""
-
-    name: str
-    datatype: str
-    dtype: np.dtype
-    shape: tuple[int, ...]
-    model_shape: tuple[int, ...] | None
 
 
 class TensorRTBackend(Backend):
@@ -115,8 +96,8 @@ class TensorRTBackend(Backend):
         self._memory: InstanceMemory | None = None
         self._config: mc.ModelConfig | None = None
         self._tensors: dict[str, _EngineTensor] = {}
-        self._inputs: dict[str, _IOSpec] = {}
-        self._outputs: dict[str, _IOSpec] = {}
+        self._inputs: dict[str, IOSpec] = {}
+        self._outputs: dict[str, IOSpec] = {}
         self._batching = False
         self.engine_path: Path | None = None
 
@@ -250,7 +231,7 @@ class TensorRTBackend(Backend):
                 bad = next(t for t in every if not (t.shape and t.shape[0] == -1))
                 raise InvalidArgument(
                     f"model '{name}': max_batch_size is {config.max_batch_size} but engine tensor '{bad.name}' has "
-                    f"shape {_shape_str(bad.shape)}; batching needs a dynamic first dimension on every input and output"
+                    f"shape {shape_str(bad.shape)}; batching needs a dynamic first dimension on every input and output"
                 )
             if config.max_batch_size > profile_max:
                 tight = min(inputs.values(), key=lambda t: t.profile.max[0] if t.profile else 0)
@@ -292,17 +273,17 @@ class TensorRTBackend(Backend):
                 entry.reshape.SetInParent()
             return
         target = list(entry.reshape.shape) if entry.HasField("reshape") else list(entry.dims)
-        if not _compatible(([-1] if batching else []) + target, tensor.shape):
+        if not dims_compatible(([-1] if batching else []) + target, tensor.shape):
             raise InvalidArgument(
-                f"model '{model}': {kind} '{entry.name}': config dims {_shape_str(target)} do not match the "
-                f"engine's shape {_shape_str(tensor.shape)}" + (" (batch dimension first)" if batching else "")
+                f"model '{model}': {kind} '{entry.name}': config dims {shape_str(target)} do not match the "
+                f"engine's shape {shape_str(tensor.shape)}" + (" (batch dimension first)" if batching else "")
             )
 
-    def _io_spec(self, entry: mc.ModelInput | mc.ModelOutput) -> _IOSpec:
+    def _io_spec(self, entry: mc.ModelInput | mc.ModelOutput) -> IOSpec:
         datatype = config_to_v2(mc.DataType.Name(entry.data_type))
         batch = (-1,) if self._batching else ()
         model_shape = batch + tuple(entry.reshape.shape) if entry.HasField("reshape") else None
-        return _IOSpec(entry.name, datatype, _NUMPY[datatype], batch + tuple(entry.dims), model_shape)
+        return IOSpec(entry.name, datatype, _NUMPY[datatype], batch + tuple(entry.dims), model_shape)
 
     def _reserve_for_max_shapes(self) -> None:
         """Allocate device and pinned buffers for the profile's largest shapes now, so an out-of-memory
@@ -348,7 +329,7 @@ class TensorRTBackend(Backend):
                 pointer = memory.upload(tname, array)
                 if not context.set_input_shape(tname, array.shape):
                     raise InvalidArgument(
-                        f"model '{model}': input '{tname}': TensorRT refused shape {_shape_str(array.shape)}"
+                        f"model '{model}': input '{tname}': TensorRT refused shape {shape_str(array.shape)}"
                     )
                 context.set_tensor_address(tname, pointer)
             shapes: dict[str, tuple[int, ...]] = {}
@@ -359,7 +340,7 @@ class TensorRTBackend(Backend):
                 shape = tuple(int(d) for d in context.get_tensor_shape(t.name))
                 if any(d < 0 for d in shape):
                     raise InternalError(
-                        f"model '{model}': output '{t.name}' has a data-dependent shape {_shape_str(shape)}, "
+                        f"model '{model}': output '{t.name}' has a data-dependent shape {shape_str(shape)}, "
                         "which this backend does not support"
                     )
                 shapes[t.name] = shape
@@ -396,10 +377,10 @@ class TensorRTBackend(Backend):
                     f"model '{model}': input '{spec.name}': expected datatype {spec.datatype} (numpy {spec.dtype}), "
                     f"got numpy {array.dtype}"
                 )
-            if not _compatible(spec.shape, array.shape):
+            if not dims_compatible(spec.shape, array.shape):
                 raise InvalidArgument(
-                    f"model '{model}': input '{spec.name}': expected shape {_shape_str(spec.shape)}, "
-                    f"got {_shape_str(array.shape)}"
+                    f"model '{model}': input '{spec.name}': expected shape {shape_str(spec.shape)}, "
+                    f"got {shape_str(array.shape)}"
                 )
             if self._batching:
                 if batch is None:
@@ -422,8 +403,8 @@ class TensorRTBackend(Backend):
                 lo <= d <= hi for lo, d, hi in zip(rng.min, array.shape, rng.max, strict=False)
             ):
                 raise InvalidArgument(
-                    f"model '{model}': input '{spec.name}': shape {_shape_str(array.shape)} is outside the engine's "
-                    f"optimization profile (min {_shape_str(rng.min)}, max {_shape_str(rng.max)})"
+                    f"model '{model}': input '{spec.name}': shape {shape_str(array.shape)} is outside the engine's "
+                    f"optimization profile (min {shape_str(rng.min)}, max {shape_str(rng.max)})"
                 )
             arrays[spec.name] = array
         return arrays

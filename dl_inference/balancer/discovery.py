@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import socket
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -99,9 +100,52 @@ class NodeFile:
         return True
 
 
+AddrInfo = list[tuple[Any, ...]]
+
+
+def _deliver(future: asyncio.Future[AddrInfo], result: AddrInfo | None, error: BaseException | None) -> None:
+    if future.done():  # cancelled: the caller stopped waiting
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result or [])
+
+
+def _lookup_in_daemon_thread(
+    host: str, port: int, lookup: Callable[..., AddrInfo] = socket.getaddrinfo
+) -> asyncio.Future[AddrInfo]:
+    """Run a blocking ``getaddrinfo`` on a daemon thread of its own.
+
+    The loop's own ``getaddrinfo`` runs on its executor (asyncio's default executor, or libuv's pool
+    under uvloop), and the loop waits for that work when it shuts down: a lookup stuck on an
+    unanswered DNS server (a container network whose name was just removed) held the gateway's exit
+    for the resolver's whole timeout, past `docker compose down`'s grace. A daemon thread is not
+    waited for: cancelling the returned future lets shutdown go on at once, and a late answer is
+    dropped.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[AddrInfo] = loop.create_future()
+
+    def work() -> None:
+        result: AddrInfo | None = None
+        error: BaseException | None = None
+        try:
+            result = lookup(host, port, type=socket.SOCK_STREAM)
+        except BaseException as exc:
+            error = exc
+        try:
+            loop.call_soon_threadsafe(_deliver, future, result, error)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+    threading.Thread(target=work, name=f"dns-{host}", daemon=True).start()
+    return future
+
+
 async def resolve(host: str, port: int) -> list[str]:
     """host:port strings for every A/AAAA record of ``host``."""
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    infos = await _lookup_in_daemon_thread(host, port)
     out = []
     for family, _, _, _, addr in infos:
         ip, port_number = str(addr[0]), int(addr[1])

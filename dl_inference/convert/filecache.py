@@ -17,7 +17,15 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "cache_root", "file_lock", "sha256_file"]
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "cache_root",
+    "file_lock",
+    "new_file_mode",
+    "sha256_file",
+    "write_beside",
+]
 
 
 def cache_root(kind: str) -> Path:
@@ -57,19 +65,47 @@ def file_lock(path: Path, on_wait: Callable[[], None] | None = None) -> Iterator
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def atomic_write_bytes(path: Path, data: bytes | bytearray | memoryview) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def new_file_mode(target: Path) -> int:
+    """The mode ``target`` keeps: the replaced file's, else what ``open()`` gives a new file (0666 less the umask).
+
+    ``mkstemp`` makes its files 0600; renamed into place as they are, a server running as another
+    user (a container's non-root user reading a volume filled by a conversion job) could not read them.
+    """
     try:
+        return target.stat().st_mode & 0o777
+    except FileNotFoundError:
+        umask = os.umask(0o022)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def write_beside(target: Path, data: bytes | bytearray | memoryview) -> Path:
+    """``data`` in a new temporary file in ``target``'s directory, fsynced, with :func:`new_file_mode`.
+
+    The caller renames it onto ``target`` (or removes it); a reader of ``target`` never sees half a file.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, new_file_mode(target))
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return Path(tmp)
+
+
+def atomic_write_bytes(path: Path, data: bytes | bytearray | memoryview) -> None:
+    """Write ``data`` to ``path`` through :func:`write_beside` and a rename."""
+    tmp = write_beside(path, data)
+    try:
         os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -137,8 +137,13 @@ class GatewayDataPlane(DataPlane):
 
     async def _start_version(self, mv: ModelVersion) -> None:
         start = time.monotonic()
-        instances = [await self.pool.spawn(spec) for spec in mv.specs]
-        mv.instances = instances
+        instances = mv.instances = []
+        for spec in mv.specs:  # one by one; a spawn that fails stops the ones already started (below)
+            try:
+                instances.append(await self.pool.spawn(spec))
+            except BaseException:
+                await self._stop_instances(mv)
+                raise
         mv.endpoints = [LocalEndpoint(i, self.settings.balancer_settings().local_weight, self.balancer.clock)
                         for i in instances]  # fmt: skip
         results = await asyncio.gather(

@@ -11,6 +11,10 @@ import asyncio
 import itertools
 import os
 import random
+import socket
+import subprocess
+import sys
+import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +25,7 @@ import pytest
 
 from dl_inference.balancer.balancer import Balancer, DeadlineExceeded
 from dl_inference.balancer.clock import FakeClock
-from dl_inference.balancer.discovery import DnsNodes, NodeFile, parse_node_file
+from dl_inference.balancer.discovery import DnsNodes, NodeFile, _lookup_in_daemon_thread, parse_node_file, resolve
 from dl_inference.balancer.endpoint import MIN_PENALTY, Endpoint, EndpointFailed, Reply
 from dl_inference.balancer.local import LocalEndpoint
 from dl_inference.balancer.outlier import OutlierDetector
@@ -1156,6 +1160,56 @@ def test_dns_nodes_with_an_injected_resolver() -> None:
         assert asked == [("svc.ns", 8001)] * 6
 
     run(main())
+
+
+def test_resolve_answers_and_errors_come_back_from_the_lookup_thread() -> None:
+    async def main() -> None:
+        addresses = await resolve("localhost", 8001)
+        assert "127.0.0.1:8001" in addresses
+        assert addresses == sorted(set(addresses))
+
+        def broken(host: str, port: int, type: int = 0) -> list[tuple[Any, ...]]:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+        with pytest.raises(socket.gaierror, match="Name or service not known"):
+            await _lookup_in_daemon_thread("nowhere", 1, broken)
+
+    run(main())
+
+
+_STUCK_LOOKUP = """
+import asyncio, sys, threading, time
+from dl_inference import eventloop
+from dl_inference.balancer.discovery import _lookup_in_daemon_thread
+
+never = threading.Event()
+started = threading.Event()
+
+def stuck(host, port, type=0):
+    started.set()
+    never.wait()  # a DNS server that never answers
+
+async def main():
+    future = _lookup_in_daemon_thread("workers", 8001, stuck)
+    assert await asyncio.to_thread(started.wait, 5)
+    future.cancel()  # the discovery task is cancelled at shutdown
+    await asyncio.sleep(0.05)
+
+eventloop.run(main())
+print("loop closed", flush=True)
+"""
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_a_stuck_dns_lookup_does_not_hold_the_process_at_exit(loop: str) -> None:
+    """The loop's own getaddrinfo runs on an executor the loop waits for when it closes; ours must not."""
+    env = {**os.environ, "DL_INFERENCE_LOOP": loop}
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", _STUCK_LOOKUP], env=env, capture_output=True, text=True, timeout=60)
+    took = time.monotonic() - started
+    assert done.returncode == 0, done.stderr
+    assert "loop closed" in done.stdout
+    assert took < 30, f"exit took {took:.1f} s"
 
 
 def test_dns_spec_parse() -> None:

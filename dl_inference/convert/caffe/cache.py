@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from dl_inference.convert.caffe.preprocess import Preprocess, apply_preprocess
+from dl_inference.convert.filecache import new_file_mode
 from dl_inference.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ def converted_model(prototxt: Path, caffemodel: Path, pre: Preprocess) -> Path:
         start = time.monotonic()
         model = apply_preprocess(convert_net(load_net(prototxt, caffemodel)), pre)
         fd, tmp = tempfile.mkstemp(dir=root, suffix=".onnx.tmp")
+        os.fchmod(fd, new_file_mode(target))  # mkstemp makes 0600; workers may run as another user
         os.close(fd)
         try:
             import onnx

@@ -21,12 +21,12 @@ import contextlib
 import copy
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dl_inference.convert.filecache import write_beside
 from dl_inference.convert.tensorflow.errors import ConversionFailed, ParityMismatch
 from dl_inference.convert.tensorflow.parity import (
     OutputDiff,
@@ -227,32 +227,6 @@ def _check_model(model: Any, sig: LoadedSignature) -> bytes:
     return bytes(model.SerializeToString())
 
 
-def _new_file_mode(target: Path) -> int:
-    """The replaced file's mode, else what ``open()`` would give a new file (0666 less the umask)."""
-    try:
-        return target.stat().st_mode & 0o777
-    except FileNotFoundError:
-        umask = os.umask(0o022)
-        os.umask(umask)
-        return 0o666 & ~umask
-
-
-def _write_beside(target: Path, data: bytes) -> Path:
-    """``data`` in a new temporary file in ``target``'s directory (fsynced); the caller renames it."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, _new_file_mode(target))  # mkstemp makes 0600; a server may run as another user
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return Path(tmp)
-
-
 def _mismatch_message(report: ParityReport, output: Path, kept: Path) -> str:
     failing = "; ".join(d.describe() for d in report.failures[:4])
     more = f" (and {len(report.failures) - 4} more)" if len(report.failures) > 4 else ""
@@ -311,7 +285,7 @@ def convert_savedmodel(
         checks = "onnx.checker (parity check off)"
     with clock.phase("checking", f"({len(model.graph.node)} ONNX nodes): {checks}"):
         data = _check_model(model, sig)
-        tmp = _write_beside(out, data)
+        tmp = write_beside(out, data)
         try:
             if options.check:
                 report = check_parity(sig, tmp, options.parity, on_diff=lambda d: _show_diff(clock, d))
