@@ -1334,6 +1334,15 @@ async def _sigterm(gw: Server, opts: Options) -> dict[str, Any]:
         f"{served_after} of {len(after)} sent after SIGTERM served; first failure "
         f"{_secs_cell(secs(first_fail, t_term))} after it; worker processes left: {len(left)}"
     )
+    cancelled = [r for r in loop.records if r.outcome == "CANCELLED"]
+    if cancelled:
+        notes.append(
+            "CANCELLED ones sent at "
+            + ", ".join(f"{(r.sent - t_term) * 1e3:+.1f} ms" for r in cancelled[:5])
+            + " from SIGTERM, ended at "
+            + ", ".join(f"{(r.done - t_term) * 1e3:+.1f} ms" for r in cancelled[:5])
+            + (f" (exit at {(t_exit - t_term) * 1e3:+.0f} ms)" if t_exit is not None else "")
+        )
     if t_exit is None:
         problems.append("the gateway did not exit within 60 s of SIGTERM")
     elif code != 0:

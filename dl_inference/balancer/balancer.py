@@ -204,8 +204,11 @@ class Balancer:
         start = self.clock.now()
         try:
             reply = await ep.infer(payload, timeout)
-        except EndpointFailed:
-            self._failed(ep, peers)
+        except EndpointFailed as exc:
+            if exc.resend:  # known gone (died, failed its health check): already out; ejecting adds nothing
+                ep.record_failure()  # but would keep its replacement out for base_ejection_s
+            else:
+                self._failed(ep, peers)
             raise
         finally:
             ep.inflight -= 1

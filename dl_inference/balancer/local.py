@@ -30,6 +30,7 @@ class LocalEndpoint(Endpoint):
         self.checks_failed = 0
         self.consecutive_failures = 0
         self.penalty = 1.0  # a new process: the old one's abandoned requests say nothing about it
+        self.ejected_until = 0.0  # nor does an ejection they caused
         self.returned()
 
     def usable(self) -> bool:

@@ -4,6 +4,7 @@ at once on both transports, with the requests already admitted unharmed."""
 from __future__ import annotations
 
 import concurrent.futures
+import signal
 import time
 from collections.abc import Iterator
 
@@ -75,3 +76,41 @@ def test_excess_is_refused_at_once_and_admitted_requests_finish(limited: Running
     assert _infer(limited.grpc_url) > 0  # the slots came back
     stats = grpcclient.InferenceServerClient(limited.grpc_url).get_inference_statistics("slow").model_stats[0]
     assert stats.inference_stats.fail.count >= 2
+
+
+def test_sigterm_refuses_new_requests_clearly_while_in_flight_ones_finish(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """After SIGTERM (drain_delay_s 0) the listeners stay open while requests drain: a new request gets
+    UNAVAILABLE "shutting down" (gRPC) / 503 (HTTP) at once, not a dropped call, and the ones in flight
+    are answered before the gateway exits 0."""
+    repo = tmp_path_factory.mktemp("drain_repo")
+    looping_model(
+        repo / "slow",
+        'name: "slow"\nmax_batch_size: 8\ninstance_group [{ count: 1, kind: KIND_CPU }]\n',
+        iterations=40000,
+    )
+    with run_server(repo, repo.parent / "drain_server.log") as srv:
+        assert _infer(srv.grpc_url) > 0  # warm
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            in_flight = [pool.submit(_infer, srv.grpc_url) for _ in range(2)]
+            _wait_pending(srv, 2)
+            srv.process.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+            x = grpcclient.InferInput("x", [1, WIDTH], "FP32")
+            x.set_data_from_numpy(np.ones((1, WIDTH), np.float32))
+            t0 = time.monotonic()
+            with pytest.raises(InferenceServerException, match="server is shutting down") as info:
+                grpcclient.InferenceServerClient(srv.grpc_url).infer("slow", [x])
+            refused_in = time.monotonic() - t0
+            assert info.value.status() == "StatusCode.UNAVAILABLE"
+            body = {"inputs": [{"name": "x", "shape": [1, WIDTH], "datatype": "FP32", "data": [1.0] * WIDTH}]}
+            reply = requests.post(f"http://{srv.http_url}/v2/models/slow/infer", json=body, timeout=30)
+            assert reply.status_code == 503 and "shutting down" in reply.json()["error"]
+            assert [f for f in in_flight if not f.done()], (
+                "the in-flight requests finished first: the model is too fast"
+            )
+            for f in in_flight:
+                assert f.result() > 0  # answered, not cut off
+        assert srv.process.wait(30) == 0
+    assert refused_in < 0.5, refused_in
