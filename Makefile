@@ -92,8 +92,8 @@ PERF_ARGS ?= --scenario tiny_mlp --url localhost:$(GRPC_PORT)
 perf: install
 	$(PY) -m load_tests.perf $(PERF_ARGS)
 
-# Fault scenarios under open-loop load (SIGKILL a worker, SIGSTOP / cut off a node, SIGTERM the gateway,
-# 2x overload): one table in load_tests/results/faults.{json,txt}; ~6 min (faults-quick: ~2.5 min,
+# Fault scenarios under open-loop load (SIGKILL a worker, SIGSTOP / cut off / SIGTERM a node, SIGTERM the gateway,
+# 2x overload): one table in load_tests/results/faults.{json,txt}; ~7 min (faults-quick: ~3 min,
 # results/faults_quick.*). E.g. make faults FAULTS_ARGS="--only overload,stop_node --rate 300"
 FAULTS_ARGS ?=
 faults: install

@@ -8,11 +8,13 @@ interchangeable endpoints.
 from __future__ import annotations
 
 import abc
+import asyncio
+import time
 from collections.abc import Mapping
 from typing import Any
 
 from dl_inference import __version__
-from dl_inference.errors import Unimplemented
+from dl_inference.errors import Unavailable, Unimplemented
 from dl_inference.protocol.generated import grpc_service_pb2 as pb
 from dl_inference.protocol.generated import model_config_pb2 as mc
 
@@ -24,9 +26,30 @@ class DataPlane(abc.ABC):
 
     server_name = "dl_inference"
     extensions: tuple[str, ...] = EXTENSIONS
+    refusing = False  # shutting down: new inference requests are answered UNAVAILABLE
 
     def live(self) -> bool:
         return True
+
+    def inflight(self) -> int:
+        """Inference requests being served right now."""
+        return 0
+
+    def refuse_new_requests(self) -> None:
+        """From now on inference requests get UNAVAILABLE "shutting down" (a clear, retryable error),
+        while the listeners stay open and the requests in flight go on: the first step of a drain."""
+        self.refusing = True
+
+    def check_accepting(self) -> None:
+        if self.refusing:
+            raise Unavailable("server is shutting down: send the request to another server")
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no inference request is in flight (True), or ``timeout`` seconds (False)."""
+        deadline = time.monotonic() + timeout
+        while self.inflight() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return not self.inflight()
 
     @abc.abstractmethod
     def ready(self) -> bool: ...

@@ -36,6 +36,8 @@ from dl_inference.security import (
 
 log = logging.getLogger(__name__)
 
+GRPC_PICKUP_S = 0.1  # see GrpcServer.drain
+
 SERVICE = "inference.GRPCInferenceService"
 
 
@@ -283,6 +285,25 @@ class GrpcServer:
         if self._watch:
             self._watch.cancel()
         await self.health.enter_graceful_shutdown()
+
+    async def drain(self, grace: float) -> float:
+        """Refuse new inference requests with UNAVAILABLE while the ones in flight finish (at most
+        ``grace`` s), then idle GRPC_PICKUP_S; returns what is left of ``grace`` for :meth:`stop`.
+
+        The listener stays open meanwhile on purpose: when a gRPC server stops, gRPC core drops the
+        calls it has received but the event loop has not taken up yet (busy finishing requests) as a
+        bare CANCELLED, which a client cannot tell from its own cancellation; refused, they get a clear
+        error that gateways and clients retry elsewhere. What remains is a call arriving in the
+        millisecond the listener closes (load_tests/README.md, sigterm_gateway / sigterm_node).
+        """
+        await self.set_not_serving()
+        self.dp.refuse_new_requests()
+        began = time.monotonic()
+        if not await self.dp.wait_idle(grace):
+            left = self.dp.inflight()
+            log.warning("shutting down: %d request(s) still in flight after %g s are cancelled", left, grace)
+        await asyncio.sleep(GRPC_PICKUP_S)  # an idle loop takes up (and refuses) calls still queued in gRPC core
+        return max(0.0, grace - (time.monotonic() - began))
 
     async def stop(self, grace: float) -> None:
         await self.set_not_serving()

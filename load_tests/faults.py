@@ -95,7 +95,7 @@ from load_tests.loadgen import (
 from load_tests.perf import arrival_times
 
 RESULTS = REPO_ROOT / "load_tests" / "results"
-SCENARIOS = ("kill_worker", "stop_node", "cut_node", "sigterm_gateway", "overload")
+SCENARIOS = ("kill_worker", "stop_node", "cut_node", "sigterm_gateway", "overload", "sigterm_node")
 clock = time.perf_counter
 
 OK = "ok"
@@ -303,9 +303,16 @@ def start_gateway(
 
 
 def start_node(
-    workdir: Path, name: str, repo: Path, model: str, *, host: str = "127.0.0.1", prefix: Sequence[str] = ()
+    workdir: Path,
+    name: str,
+    repo: Path,
+    model: str,
+    *,
+    host: str = "127.0.0.1",
+    prefix: Sequence[str] = (),
+    port: int | None = None,
 ) -> Server:
-    port = free_port()
+    port = port or free_port()
     cmd = [*prefix, *py("dl_inference", "worker", "--model-repository", str(repo), "--model", model,
                         "--host", host, "--grpc-port", str(port))]  # fmt: skip
     server = start_server(name, cmd, workdir / f"{name}.log", f"{host}:{port}")
@@ -1193,6 +1200,30 @@ def scenario_stop_node(workdir: Path, opts: Options) -> dict[str, Any]:
                 os.kill(victim.proc.pid, signal.SIGCONT)
 
 
+def scenario_sigterm_node(workdir: Path, opts: Options) -> dict[str, Any]:
+    """A rolling update of one worker node: SIGTERM it under load, later start a new one on its address."""
+    repo = workdir / "repo_simple"
+    write_simple_model(repo, "simple", example_model_file(workdir), dynamic_batching=False)
+    with processes() as reg:
+        nodes = [reg(start_node(workdir, f"node{i}", repo, "simple")) for i in range(2)]
+        victim = nodes[1]
+        port = int(victim.grpc_url.rsplit(":", 1)[1])
+        config = balancer_config(opts, opts.node_policy)
+        gw = reg(start_gateway(workdir, "gateway-sigterm-node", workdir / "empty", ["simple"],
+                               nodes=[n.grpc_url for n in nodes], config=config))  # fmt: skip
+
+        def replace() -> None:
+            victim.proc.wait(30)
+            reg(start_node(workdir, "node1-new", repo, "simple", port=port))
+
+        cut = Cut(
+            f"SIGTERM node {victim.grpc_url} (pid {victim.proc.pid}), a new node started on its port later",
+            lambda: victim.proc.send_signal(signal.SIGTERM),
+            replace,
+        )
+        return run_coroutine(_node_fault("sigterm_node", gw, victim.grpc_url, cut, opts))  # type: ignore[no-any-return]
+
+
 def scenario_cut_node(workdir: Path, opts: Options) -> dict[str, Any]:
     repo = workdir / "repo_simple"
     write_simple_model(repo, "simple", example_model_file(workdir), dynamic_batching=False)
@@ -1478,6 +1509,7 @@ RUNNERS: dict[str, Callable[[Path, Options], dict[str, Any]]] = {
     "cut_node": scenario_cut_node,
     "sigterm_gateway": scenario_sigterm_gateway,
     "overload": scenario_overload,
+    "sigterm_node": scenario_sigterm_node,
 }
 
 

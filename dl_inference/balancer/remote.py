@@ -192,6 +192,9 @@ class RemoteNode(Endpoint):
                 raise TimeoutError(detail) from None
             if code is grpc.StatusCode.CANCELLED and call in self._abandoned:
                 raise EndpointFailed(f"node {self.name} {self.last_error or 'went down'}", resend=True) from None
+            if code is grpc.StatusCode.CANCELLED:  # not by us (that is CancelledError above): the node's
+                # gRPC dropped the call, e.g. stopping with calls it had not handed to its server yet
+                raise EndpointFailed(f"node {self.name} cancelled the call: {detail}") from None
             ours = Code.__members__.get(code.name, Code.INTERNAL)
             return Kind.ERROR, WIRE_CODE[ours], _EMPTY, detail.encode()
         finally:

@@ -56,7 +56,6 @@ class GatewayDataPlane(DataPlane):
         self._started = False
         self._closing = False
         self._inflight = 0  # requests in this gateway right now, every model and transport
-        self._refusing = False  # shutting down: new inference requests are refused
         self._tasks: set[asyncio.Task[None]] = set()
         self.balancer = Balancer(
             settings.balancer_settings(), settings.topology(),
@@ -98,17 +97,8 @@ class GatewayDataPlane(DataPlane):
         """Report not-ready and stop restarting workers: the first step of shutting down."""
         self._closing = True
 
-    def refuse_new_requests(self) -> None:
-        """From now on inference requests are answered UNAVAILABLE "shutting down" (a clear, retryable
-        error) while the listeners stay open; the ones in flight go on."""
-        self._refusing = True
-
-    async def wait_idle(self, timeout: float) -> bool:
-        """Wait until no inference request is in flight (True), or ``timeout`` seconds (False)."""
-        deadline = time.monotonic() + timeout
-        while self._inflight and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        return not self._inflight
+    def inflight(self) -> int:
+        return self._inflight
 
     async def close(self) -> None:
         self._closing = True
@@ -421,10 +411,11 @@ class GatewayDataPlane(DataPlane):
             stats = self._remote_stats.setdefault((name, version), ModelStats())
             key = (name, version, "remote")
             what = f"model '{name}'" + (f" version {version}" if version else "")
-        if self._refusing:
-            gone = Unavailable("server is shutting down: send the request to another server")
+        try:
+            self.check_accepting()
+        except Unavailable as gone:
             stats.record_failure(0, failure_reason(gone))
-            raise gone
+            raise
         limit = self.settings.max_inflight_requests
         if limit and self._inflight >= limit:
             busy = ResourceExhausted(

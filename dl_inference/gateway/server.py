@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import time
 
 from aiohttp import web
 
@@ -17,8 +16,6 @@ from dl_inference.memtrim import trim_every
 from dl_inference.security import TlsSettings
 
 log = logging.getLogger(__name__)
-
-GRPC_PICKUP_S = 0.1
 
 
 async def _serve_http(
@@ -85,10 +82,8 @@ async def serve(settings: ServerSettings) -> int:
         await stopped
     # Graceful drain: report NOT_SERVING at once (readiness and grpc.health.v1), keep serving for
     # drain_delay_s so load balancers notice, then refuse new inference requests with UNAVAILABLE
-    # "shutting down" while the ones in flight finish (within stop_grace_s), and only then close the
-    # listeners and stop the workers. The listeners stay open while requests drain because gRPC core
-    # drops calls it has received but the event loop has not yet taken up (busy finishing requests) as
-    # CANCELLED, without a message, when the server stops; refused, they get a clear, retryable error.
+    # "shutting down" while the ones in flight finish (within stop_grace_s; GrpcServer.drain says why
+    # the listeners stay open meanwhile), and only then close the listeners and stop the workers.
     start.cancel()
     trimmer.cancel()
     dp.stop_accepting()
@@ -99,12 +94,7 @@ async def serve(settings: ServerSettings) -> int:
     )
     if delay:
         await asyncio.sleep(delay)
-    dp.refuse_new_requests()
-    began = time.monotonic()
-    if not await dp.wait_idle(grace):
-        log.warning("shutting down: requests still in flight after stop_grace_s %g s are cancelled", grace)
-    await asyncio.sleep(GRPC_PICKUP_S)  # an idle loop takes up (and refuses) calls still queued in gRPC core
-    left = max(0.0, grace - (time.monotonic() - began))
+    left = await grpc_server.drain(grace)
     await asyncio.gather(grpc_server.stop(grace=left), *(runner.cleanup() for runner in runners))
     await dp.close()
     return 0

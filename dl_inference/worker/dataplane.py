@@ -38,7 +38,10 @@ class WorkerDataPlane(DataPlane):
             )
 
     def ready(self) -> bool:
-        return True
+        return not self.refusing
+
+    def inflight(self) -> int:
+        return len(self._pending)
 
     def model_ready(self, name: str, version: str) -> bool:
         return name == self.name and version in ("", self.version)
@@ -70,6 +73,11 @@ class WorkerDataPlane(DataPlane):
     async def infer(self, payload: bytes, name: str, version: str, deadline: float | None = None) -> bytes:
         start = time.monotonic_ns()
         self._check(name, version)
+        try:
+            self.check_accepting()
+        except ServerError as gone:
+            self.stats.record_failure(0, failure_reason(gone))
+            raise
         rid = next(self._ids)
         fut = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut

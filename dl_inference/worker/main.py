@@ -25,6 +25,8 @@ from dl_inference.worker.loader import LoadedModel, load_model_version
 
 log = logging.getLogger(__name__)
 
+STOP_GRACE_S = 5.0  # a standalone worker's in-flight requests get this long at SIGTERM
+
 
 class GatewayLink:
     """The worker's end of the framed connection to its gateway."""
@@ -117,8 +119,8 @@ async def run_worker(args: argparse.Namespace, access: AccessPolicy, tls: TlsSet
         how += f", {len(access.inference)} token(s) accepted" if access.enabled else ", no token needed"
         log.info("worker for '%s' serving V2 gRPC on %s:%d (%s)", args.model, args.host, grpc_server.port, how)
     await asyncio.wait(waits)
-    if grpc_server is not None:
-        await grpc_server.stop(grace=5)
+    if grpc_server is not None:  # a rolling update: requests in flight finish, new ones go elsewhere
+        await grpc_server.stop(grace=await grpc_server.drain(STOP_GRACE_S))
     executor.close()
     loaded.runner.close()
     return 0

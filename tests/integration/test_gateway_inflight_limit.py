@@ -15,7 +15,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from tests.integration.models import looping_model
-from tests.integration.server import RunningServer, run_server
+from tests.integration.server import RunningServer, run_node, run_server
 
 WIDTH = 512
 
@@ -114,3 +114,35 @@ def test_sigterm_refuses_new_requests_clearly_while_in_flight_ones_finish(
                 assert f.result() > 0  # answered, not cut off
         assert srv.process.wait(30) == 0
     assert refused_in < 0.5, refused_in
+
+
+def test_a_standalone_worker_drains_on_sigterm(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A rolling update of a worker node: after SIGTERM it is NOT_SERVING, answers new requests UNAVAILABLE
+    "shutting down" (which a gateway re-sends elsewhere) and finishes the ones in flight before it exits 0.
+    Before, it stopped its gRPC server at once and gRPC core dropped the calls it held as a bare CANCELLED."""
+    repo = tmp_path_factory.mktemp("drain_node_repo")
+    looping_model(
+        repo / "slow",
+        'name: "slow"\nmax_batch_size: 8\ninstance_group [{ count: 1, kind: KIND_CPU }]\n',
+        iterations=40000,
+    )
+    with run_node(repo, "slow", repo.parent / "drain_node.log") as node:
+        assert _infer(node.address) > 0  # warm
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            in_flight = [pool.submit(_infer, node.address) for _ in range(2)]
+            time.sleep(0.3)
+            node.process.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+            client = grpcclient.InferenceServerClient(node.address)
+            assert not client.is_server_ready()
+            x = grpcclient.InferInput("x", [1, WIDTH], "FP32")
+            x.set_data_from_numpy(np.ones((1, WIDTH), np.float32))
+            with pytest.raises(InferenceServerException, match="shutting down") as info:
+                client.infer("slow", [x])
+            assert info.value.status() == "StatusCode.UNAVAILABLE"
+            assert [f for f in in_flight if not f.done()], (
+                "the in-flight requests finished first: the model is too fast"
+            )
+            for f in in_flight:
+                assert f.result() > 0
+        assert node.process.wait(30) == 0
