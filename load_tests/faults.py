@@ -1179,15 +1179,22 @@ def network_namespace(prefix: str = "dlf", net: int = 202) -> Iterator[tuple[str
         subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
 
 
-def scenario_stop_node(workdir: Path, opts: Options) -> dict[str, Any]:
+def _two_nodes(
+    workdir: Path, opts: Options, reg: Callable[[Server], Server], gateway_name: str
+) -> tuple[Path, Server, Server]:
+    """Two standalone worker nodes of `simple` behind a gateway; returns (repository, victim node, gateway)."""
     repo = workdir / "repo_simple"
     write_simple_model(repo, "simple", example_model_file(workdir), dynamic_batching=False)
+    nodes = [reg(start_node(workdir, f"node{i}", repo, "simple")) for i in range(2)]
+    config = balancer_config(opts, opts.node_policy)
+    gw = reg(start_gateway(workdir, gateway_name, workdir / "empty", ["simple"],
+                           nodes=[n.grpc_url for n in nodes], config=config))  # fmt: skip
+    return repo, nodes[1], gw
+
+
+def scenario_stop_node(workdir: Path, opts: Options) -> dict[str, Any]:
     with processes() as reg:
-        nodes = [reg(start_node(workdir, f"node{i}", repo, "simple")) for i in range(2)]
-        victim = nodes[1]
-        config = balancer_config(opts, opts.node_policy)
-        gw = reg(start_gateway(workdir, "gateway-stop", workdir / "empty", ["simple"],
-                               nodes=[n.grpc_url for n in nodes], config=config))  # fmt: skip
+        _, victim, gw = _two_nodes(workdir, opts, reg, "gateway-stop")
         cut = Cut(
             f"SIGSTOP node {victim.grpc_url} (pid {victim.proc.pid})",
             lambda: os.kill(victim.proc.pid, signal.SIGSTOP),
@@ -1202,15 +1209,9 @@ def scenario_stop_node(workdir: Path, opts: Options) -> dict[str, Any]:
 
 def scenario_sigterm_node(workdir: Path, opts: Options) -> dict[str, Any]:
     """A rolling update of one worker node: SIGTERM it under load, later start a new one on its address."""
-    repo = workdir / "repo_simple"
-    write_simple_model(repo, "simple", example_model_file(workdir), dynamic_batching=False)
     with processes() as reg:
-        nodes = [reg(start_node(workdir, f"node{i}", repo, "simple")) for i in range(2)]
-        victim = nodes[1]
+        repo, victim, gw = _two_nodes(workdir, opts, reg, "gateway-sigterm-node")
         port = int(victim.grpc_url.rsplit(":", 1)[1])
-        config = balancer_config(opts, opts.node_policy)
-        gw = reg(start_gateway(workdir, "gateway-sigterm-node", workdir / "empty", ["simple"],
-                               nodes=[n.grpc_url for n in nodes], config=config))  # fmt: skip
 
         def replace() -> None:
             victim.proc.wait(30)
