@@ -17,6 +17,7 @@ from dl_inference import __version__
 from dl_inference.errors import Unavailable, Unimplemented
 from dl_inference.protocol.generated import grpc_service_pb2 as pb
 from dl_inference.protocol.generated import model_config_pb2 as mc
+from dl_inference.stats import ModelStats, failure_reason
 
 EXTENSIONS = ("binary_tensor_data", "statistics", "model_configuration", "model_repository", "schedule_policy")
 
@@ -40,9 +41,12 @@ class DataPlane(abc.ABC):
         while the listeners stay open and the requests in flight go on: the first step of a drain."""
         self.refusing = True
 
-    def check_accepting(self) -> None:
+    def check_accepting(self, stats: ModelStats) -> None:
+        """Raise UNAVAILABLE "shutting down" while refusing, counted as a failure in ``stats``."""
         if self.refusing:
-            raise Unavailable("server is shutting down: send the request to another server")
+            gone = Unavailable("server is shutting down: send the request to another server")
+            stats.record_failure(0, failure_reason(gone))
+            raise gone
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no inference request is in flight (True), or ``timeout`` seconds (False)."""

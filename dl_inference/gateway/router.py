@@ -411,11 +411,7 @@ class GatewayDataPlane(DataPlane):
             stats = self._remote_stats.setdefault((name, version), ModelStats())
             key = (name, version, "remote")
             what = f"model '{name}'" + (f" version {version}" if version else "")
-        try:
-            self.check_accepting()
-        except Unavailable as gone:
-            stats.record_failure(0, failure_reason(gone))
-            raise
+        self.check_accepting(stats)
         limit = self.settings.max_inflight_requests
         if limit and self._inflight >= limit:
             busy = ResourceExhausted(

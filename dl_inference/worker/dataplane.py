@@ -73,11 +73,7 @@ class WorkerDataPlane(DataPlane):
     async def infer(self, payload: bytes, name: str, version: str, deadline: float | None = None) -> bytes:
         start = time.monotonic_ns()
         self._check(name, version)
-        try:
-            self.check_accepting()
-        except ServerError as gone:
-            self.stats.record_failure(0, failure_reason(gone))
-            raise
+        self.check_accepting(self.stats)
         rid = next(self._ids)
         fut = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut

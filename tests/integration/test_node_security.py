@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ import yaml
 from tritonclient.utils import InferenceServerException
 
 from tests.integration.models import scale_model
-from tests.integration.server import Process, RunningServer, free_port, run_server
+from tests.integration.server import Process, RunningServer, free_port, run_server, stop_process
 from tests.integration.test_security import _make_pki, _openssl
 
 TOKEN = "node-token-0123456789abcdef"
@@ -80,12 +79,7 @@ def node(pki: Path) -> Iterator[Process]:
                 time.sleep(0.1)
             yield Process(proc, port, log_path)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc, 15)
 
 
 def _input(module: Any) -> Any:
@@ -174,6 +168,20 @@ def test_gateway_with_the_node_credentials_infers_through_it(node: Process, pki:
         assert TOKEN not in srv.log()
 
 
+def _assert_node_unhealthy(
+    srv: RunningServer, address: str, *, in_row: tuple[str, ...], in_error: str, in_log: str
+) -> None:
+    """The node is unhealthy in the endpoint table with the reason, a client gets UNAVAILABLE naming the
+    node at once, and the gateway's log says why."""
+    row = _checked_row(srv, address)
+    assert row["state"] == "unhealthy"
+    assert all(text in row["last_error"] for text in in_row), row["last_error"]
+    error, seconds = _failed_infer(srv, "scale")
+    assert error.status() == "StatusCode.UNAVAILABLE" and seconds < 2.0
+    assert address in error.message() and in_error in error.message()
+    assert f"node {address} is unhealthy: {in_log}" in srv.log()
+
+
 def test_gateway_without_a_token_sees_the_node_refuse_it(node: Process, pki: Path, tmp_path: Path) -> None:
     config = {
         "nodes": [node.address],  # models learned from its index, which the node will not show
@@ -183,20 +191,20 @@ def test_gateway_without_a_token_sees_the_node_refuse_it(node: Process, pki: Pat
     }  # fmt: skip
     with _gateway(tmp_path, config) as srv:
         _wait_live(srv)
-        row = _checked_row(srv, node.address)
-        assert row["state"] == "unhealthy"
-        assert "refused our credentials (UNAUTHENTICATED: authentication required" in row["last_error"]
+        _assert_node_unhealthy(
+            srv,
+            node.address,
+            in_row=("refused our credentials (UNAUTHENTICATED: authentication required",),
+            in_error="UNAUTHENTICATED",
+            in_log="refused our credentials (UNAUTHENTICATED",
+        )
         assert not grpcclient.InferenceServerClient(srv.grpc_url).is_server_ready()
-        error, seconds = _failed_infer(srv, "scale")
-        assert error.status() == "StatusCode.UNAVAILABLE" and seconds < 2.0
-        assert node.address in error.message() and "UNAUTHENTICATED" in error.message()
         body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [0, 1, 2, 3]}]}
         url = f"http://{srv.http_url}/v2/models/scale/infer"
         req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
         with pytest.raises(urllib.error.HTTPError) as http_err:
             urllib.request.urlopen(req, timeout=10)
         assert http_err.value.code == 503 and "UNAUTHENTICATED" in http_err.value.read().decode()
-        assert f"node {node.address} is unhealthy: refused our credentials (UNAUTHENTICATED" in srv.log()
 
 
 def test_gateway_with_the_wrong_ca_fails_the_tls_handshake(node: Process, pki: Path, tmp_path: Path) -> None:
@@ -213,10 +221,10 @@ def test_gateway_with_the_wrong_ca_fails_the_tls_handshake(node: Process, pki: P
     }  # fmt: skip
     with _gateway(tmp_path, config) as srv:
         _wait_live(srv)
-        row = _checked_row(srv, node.address)
-        assert row["state"] == "unhealthy"
-        assert "TLS handshake failed" in row["last_error"] and "CERTIFICATE_VERIFY_FAILED" in row["last_error"]
-        error, seconds = _failed_infer(srv, "scale")
-        assert error.status() == "StatusCode.UNAVAILABLE" and seconds < 2.0
-        assert node.address in error.message() and "TLS handshake failed" in error.message()
-        assert f"node {node.address} is unhealthy: TLS handshake failed" in srv.log()
+        _assert_node_unhealthy(
+            srv,
+            node.address,
+            in_row=("TLS handshake failed", "CERTIFICATE_VERIFY_FAILED"),
+            in_error="TLS handshake failed",
+            in_log="TLS handshake failed",
+        )

@@ -9,26 +9,18 @@ is rebuilt. Several workers loading the same model at once convert it once (a fi
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 
 from dl_inference.convert.caffe.preprocess import Preprocess, apply_preprocess
-from dl_inference.convert.filecache import new_file_mode
+from dl_inference.convert.filecache import atomic_write_bytes, cache_root, file_lock
 from dl_inference.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 
 CONVERTER_VERSION = "1"
-
-
-def cache_root() -> Path:
-    base = os.environ.get("DL_INFERENCE_CACHE_DIR") or str(Path.home() / ".cache" / "dl_inference")
-    return Path(base) / "caffe"
 
 
 def find_caffe_files(version_dir: Path) -> tuple[Path, Path] | None:
@@ -61,30 +53,17 @@ def converted_model(prototxt: Path, caffemodel: Path, pre: Preprocess) -> Path:
     from dl_inference.convert.caffe.loader import load_net
     from dl_inference.convert.caffe.to_onnx import convert_net
 
-    root = cache_root()
-    root.mkdir(parents=True, exist_ok=True)
-    target = root / f"{_digest(prototxt, caffemodel, extra=repr(pre))}.onnx"
+    target = cache_root("caffe") / f"{_digest(prototxt, caffemodel, extra=repr(pre))}.onnx"
     if target.exists():
         log.info("Caffe model %s: using cached conversion %s", prototxt.name, target)
         return target
-    with open(target.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(target.with_suffix(".lock")):
         if target.exists():  # another worker converted it while we waited
             return target
         size_mb = caffemodel.stat().st_size / 1e6
         log.info("converting Caffe model %s + %s (%.1f MB) to ONNX ...", prototxt.name, caffemodel.name, size_mb)
         start = time.monotonic()
         model = apply_preprocess(convert_net(load_net(prototxt, caffemodel)), pre)
-        fd, tmp = tempfile.mkstemp(dir=root, suffix=".onnx.tmp")
-        os.fchmod(fd, new_file_mode(target))  # mkstemp makes 0600; workers may run as another user
-        os.close(fd)
-        try:
-            import onnx
-
-            onnx.save(model, tmp)
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write_bytes(target, model.SerializeToString())  # readable by workers running as another user
         log.info("converted %s in %.2f s -> %s", prototxt.name, time.monotonic() - start, target)
     return target
