@@ -440,7 +440,7 @@ class HttpSender:
                 if resp.status == 200:
                     return OK, ""
                 return f"HTTP {resp.status}", payload[:300].decode("utf-8", "replace")
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return LOST, f"no answer within {self.timeout:g} s"
         except self._aiohttp.ClientError as exc:
             return type(exc).__name__, str(exc)

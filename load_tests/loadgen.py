@@ -276,7 +276,7 @@ async def grpc_setup(cfg: LoadConfig, note: Callable[[str, str], None]) -> tuple
     try:
         await asyncio.wait_for(channel.channel_ready(), cfg.connect_timeout)
         inputs, outputs = await grpc_metadata(channel, cfg)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         await channel.close()
         raise LoadgenError(f"cannot connect to gRPC {target} within {cfg.connect_timeout} s") from None
     except grpc.aio.AioRpcError as exc:
@@ -378,7 +378,7 @@ async def http_setup(cfg: LoadConfig, note: Callable[[str, str], None]) -> tuple
             if resp.status != 200:
                 raise LoadgenError(f"GET {model_path}: HTTP {resp.status} {text[:300]}")
             meta = json.loads(text)
-    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+    except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
         await session.close()
         raise LoadgenError(f"GET {model_path}: {type(exc).__name__} {exc}") from None
     except LoadgenError:
@@ -405,7 +405,7 @@ async def http_setup(cfg: LoadConfig, note: Callable[[str, str], None]) -> tuple
                     if problem:
                         note("BAD_RESPONSE", problem)
                         return "BAD_RESPONSE"
-        except asyncio.TimeoutError:
+        except TimeoutError:
             note("TIMEOUT", f"no answer within {cfg.request_timeout} s")
             return "TIMEOUT"
         except aiohttp.ClientError as exc:
@@ -514,7 +514,7 @@ def summarize(state: _State, cfg: LoadConfig, work: Workload, loop_name: str, me
         ),
         "inputs": [dataclasses.asdict(t) for t in work.inputs],
         "client": {"event_loop": loop_name, "python": platform.python_version()},
-        "started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "started_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
 
 

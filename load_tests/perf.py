@@ -520,7 +520,7 @@ class GrpcTarget(Target):
         try:
             await asyncio.wait_for(self.channel.channel_ready(), self.cfg.connect_timeout)
             meta = await self.metadata(lcfg)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise PerfError(f"cannot connect to gRPC {target} within {self.cfg.connect_timeout} s") from None
         except grpc.aio.AioRpcError as exc:
             raise PerfError(
@@ -630,7 +630,7 @@ class HttpTarget(Target):
                 if resp.status != 200:
                     raise PerfError(f"GET {path}: HTTP {resp.status} {text[:300]}")
                 meta = json.loads(text)
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
             raise PerfError(f"GET {path}: {type(exc).__name__} {exc}") from None
 
         def specs(key: str) -> list[TensorSpec]:
@@ -676,7 +676,7 @@ class HttpTarget(Target):
                 t = clock()
                 problem = self.check(payload, resp.headers.get("Inference-Header-Content-Length"))
                 decode_s = clock() - t
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.note("TIMEOUT", f"no answer within {self.cfg.request_timeout} s")
             return "TIMEOUT", send_s, 0.0, 0.0
         except self._aiohttp.ClientError as exc:
@@ -1510,7 +1510,7 @@ async def run_sweep_async(cfg: PerfConfig, target: Target | None = None, out: Te
     return {
         "tool": "load_tests.perf",
         "scenario": cfg.scenario,
-        "started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "started_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "config": config_dict(cfg),
         "request": {
             "inputs": [dataclasses.asdict(s) for s in prep.inputs],

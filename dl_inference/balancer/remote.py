@@ -303,7 +303,7 @@ class RemoteNode(Endpoint):
         except CredentialsRefused as exc:
             self._refused(str(exc))
             return
-        except (grpc.aio.AioRpcError, RuntimeError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, grpc.aio.AioRpcError, RuntimeError) as exc:
             if isinstance(exc, grpc.aio.AioRpcError):
                 why = failure_reason(exc, self.credentials)
             else:

@@ -153,7 +153,7 @@ class WorkerInstance:
                 return False
             await asyncio.wait_for(fut, timeout)
             return True
-        except (asyncio.TimeoutError, WorkerGone):
+        except (TimeoutError, WorkerGone):
             return False
         finally:
             self._pings.pop(rid, None)
@@ -189,7 +189,7 @@ class WorkerInstance:
             proc.send_signal(signal.SIGTERM)
         try:
             await asyncio.wait_for(self.exited.wait(), grace)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await self.exited.wait()
@@ -289,7 +289,7 @@ class WorkerPool:
         """Wait for HELLO; raise LoadFailed on failure, death or timeout (the worker is then stopped)."""
         try:
             return await asyncio.wait_for(asyncio.shield(inst.hello), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             await inst.terminate(grace=2)
             raise LoadFailed(f"worker {inst.spec.label} did not load within {timeout:.0f} s") from None
         except LoadFailed:

@@ -29,7 +29,7 @@ def to_json(message: Message, defaults: bool = True) -> dict[str, Any]:
         if field.message_type is not None and field.message_type.GetOptions().map_entry:
             value_field = field.message_type.fields_by_name["value"]
             out[field.name] = {k: _value(value_field, v, defaults) for k, v in value.items()}
-        elif field.label == _T.LABEL_REPEATED:
+        elif field.is_repeated:  # protobuf 7 removed FieldDescriptor.label
             out[field.name] = [_value(field, v, defaults) for v in value]
         elif field.type == _T.TYPE_MESSAGE:
             if message.HasField(field.name):

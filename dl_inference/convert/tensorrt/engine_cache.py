@@ -124,7 +124,7 @@ def make_metadata(request: EngineRequest, env: TargetEnv, plan: bytes, build_sec
         "source": {"kind": request.source_kind, "path": str(request.onnx_path), "sha256": request.onnx_sha256},
         "plan_sha256": hashlib.sha256(plan).hexdigest(),
         "plan_bytes": len(plan),
-        "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "built_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "build_seconds": round(build_seconds, 2),
         "built_by": f"dl_inference {__version__}",
     }
