@@ -47,6 +47,9 @@ class ServerSettings:
     # Every this many seconds the gateway hands freed heap memory back to the OS (glibc malloc_trim),
     # so RSS comes back down after a burst of queued calls; 0: never.
     memory_trim_interval_s: float = 60.0
+    # Every this many seconds, system shared-memory regions whose client is gone (the /dev/shm object
+    # removed, or no process outside this server maps it) are unregistered; 0: never.
+    shared_memory_sweep_s: float = 5.0
     max_tensor_elements: int = 0  # per input tensor; 0: bounded only by max_request_bytes
     max_bytes_element: int = 0  # largest BYTES element in bytes; 0: bounded only by max_request_bytes
     # per-client request rate (clients keyed by token, else address): {requests_per_s, burst}; empty: off
@@ -120,6 +123,8 @@ class ServerSettings:
             raise InvalidArgument("memory_trim_interval_s must be >= 0 (0: never)")
         if self.max_inflight_requests < 0:
             raise InvalidArgument("max_inflight_requests must be >= 0 (0: no limit)")
+        if self.shared_memory_sweep_s < 0:
+            raise InvalidArgument("shared_memory_sweep_s must be >= 0 (0: never)")
         if self.grpc_max_pending_calls < 1:
             raise InvalidArgument("grpc_max_pending_calls must be >= 1")
         if self.max_tensor_elements < 0 or self.max_bytes_element < 0:

@@ -13,10 +13,14 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from google.protobuf.message import DecodeError
+
 from dl_inference import __version__
-from dl_inference.errors import Unavailable, Unimplemented
+from dl_inference.errors import InvalidArgument, Unavailable, Unimplemented
 from dl_inference.protocol.generated import grpc_service_pb2 as pb
 from dl_inference.protocol.generated import model_config_pb2 as mc
+from dl_inference.sharedmem.params import uses_shared_memory
+from dl_inference.sharedmem.registry import Region
 from dl_inference.stats import ModelStats, failure_reason
 
 EXTENSIONS = ("binary_tensor_data", "statistics", "model_configuration", "model_repository", "schedule_policy")
@@ -80,6 +84,32 @@ class DataPlane(abc.ABC):
         ``deadline`` is the client's, on the ``time.monotonic()`` clock (None: no deadline).
         """
 
+    async def infer_shared(self, payload: bytes, name: str, version: str, deadline: float | None = None) -> bytes:
+        """:meth:`infer` for a request that may name shared-memory regions (``peek_request`` said so).
+
+        Here (a standalone worker): such a request is refused, since this endpoint keeps no regions.
+        """
+        request = await parse_infer_request(payload)
+        if uses_shared_memory(request):
+            raise Unimplemented(
+                "shared-memory tensors are not served by this endpoint: register regions with the gateway "
+                "on the same host and send the request there"
+            )
+        return await self.infer(payload, name, version, deadline)
+
+    # -- Triton's shared-memory extensions (kind "system" or "cuda"; name "" = every region) ---------
+    def register_system_shared_memory(self, name: str, key: str, offset: int, byte_size: int) -> None:
+        raise Unimplemented("this endpoint does not serve shared memory")
+
+    def register_cuda_shared_memory(self, name: str, raw_handle: bytes, device_id: int, byte_size: int) -> None:
+        raise Unimplemented("this endpoint does not serve shared memory")
+
+    def unregister_shared_memory(self, kind: str, name: str) -> None:
+        raise Unimplemented("this endpoint does not serve shared memory")
+
+    def shared_memory_status(self, kind: str, name: str) -> list[Region]:
+        raise Unimplemented("this endpoint does not serve shared memory")
+
     async def repository_index(self, ready_only: bool) -> pb.RepositoryIndexResponse:
         raise Unimplemented("this endpoint has no model repository")
 
@@ -94,3 +124,20 @@ class DataPlane(abc.ABC):
 
     def endpoint_table(self) -> dict[str, Any]:
         raise Unimplemented("this endpoint does not balance across endpoints")
+
+
+PARSE_OFF_LOOP_BYTES = 1 << 20  # larger requests are parsed on a thread: the loop serves others meanwhile
+
+
+async def parse_infer_request(payload: bytes) -> pb.ModelInferRequest:
+    """A serialized ModelInferRequest parsed (off the event loop when large); InvalidArgument if malformed."""
+
+    def parse() -> pb.ModelInferRequest:
+        try:
+            return pb.ModelInferRequest.FromString(payload)
+        except DecodeError as exc:
+            raise InvalidArgument(f"malformed ModelInferRequest: {exc}") from None
+
+    if len(payload) >= PARSE_OFF_LOOP_BYTES:
+        return await asyncio.to_thread(parse)
+    return parse()

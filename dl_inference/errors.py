@@ -87,3 +87,11 @@ class Unimplemented(ServerError):
 
 class InternalError(ServerError):
     code = Code.INTERNAL
+
+
+class AlreadyExists(ServerError):
+    code = Code.ALREADY_EXISTS
+
+
+class FailedPrecondition(ServerError):
+    code = Code.FAILED_PRECONDITION

@@ -21,7 +21,7 @@ from dl_inference.config import GRPC_MAX_PENDING_CALLS
 from dl_inference.dataplane import DataPlane
 from dl_inference.errors import InvalidArgument, ServerError
 from dl_inference.protocol.generated import grpc_service_pb2 as pb
-from dl_inference.protocol.wire import route_fields, stream_response
+from dl_inference.protocol.wire import peek_request, stream_response
 from dl_inference.security import (
     CONTROL_GRPC_METHODS,
     AccessPolicy,
@@ -33,6 +33,7 @@ from dl_inference.security import (
     grpc_role,
     token_from_headers,
 )
+from dl_inference.sharedmem.params import CUDA, SYSTEM
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +109,11 @@ def build_handler(dp: DataPlane, limiter: RateLimiter | None = None) -> grpc.Gen
 
     async def model_infer(payload: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
         _limit(limiter, ctx)
-        name, version = route_fields(payload)
+        name, version, shared = peek_request(payload)
         remaining = ctx.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
+        if shared:
+            return await dp.infer_shared(payload, name, version, deadline)
         return await dp.infer(payload, name, version, deadline)
 
     async def repository_index(req: pb.RepositoryIndexRequest, ctx: Any) -> pb.RepositoryIndexResponse:
@@ -129,11 +132,51 @@ def build_handler(dp: DataPlane, limiter: RateLimiter | None = None) -> grpc.Gen
         async for payload in requests:
             try:
                 _limit(limiter, ctx)
-                name, version = route_fields(payload)
-                body = await dp.infer(payload, name, version)
+                name, version, shared = peek_request(payload)
+                body = await (dp.infer_shared if shared else dp.infer)(payload, name, version)
                 yield stream_response(body, "")
             except ServerError as exc:
                 yield stream_response(None, exc.message)
+
+    async def system_status(req: pb.SystemSharedMemoryStatusRequest, ctx: Any) -> pb.SystemSharedMemoryStatusResponse:
+        out = pb.SystemSharedMemoryStatusResponse()
+        for r in dp.shared_memory_status(SYSTEM, req.name):
+            loc = r.location
+            out.regions[r.name].CopyFrom(
+                out.RegionStatus(name=r.name, key=r.key, offset=loc.offset, byte_size=loc.byte_size)
+            )
+        return out
+
+    async def system_register(
+        req: pb.SystemSharedMemoryRegisterRequest, ctx: Any
+    ) -> pb.SystemSharedMemoryRegisterResponse:
+        dp.register_system_shared_memory(req.name, req.key, req.offset, req.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    async def system_unregister(
+        req: pb.SystemSharedMemoryUnregisterRequest, ctx: Any
+    ) -> pb.SystemSharedMemoryUnregisterResponse:
+        dp.unregister_shared_memory(SYSTEM, req.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    async def cuda_status(req: pb.CudaSharedMemoryStatusRequest, ctx: Any) -> pb.CudaSharedMemoryStatusResponse:
+        out = pb.CudaSharedMemoryStatusResponse()
+        for r in dp.shared_memory_status(CUDA, req.name):
+            loc = r.location
+            out.regions[r.name].CopyFrom(
+                out.RegionStatus(name=r.name, device_id=loc.device_id, byte_size=loc.byte_size)
+            )
+        return out
+
+    async def cuda_register(req: pb.CudaSharedMemoryRegisterRequest, ctx: Any) -> pb.CudaSharedMemoryRegisterResponse:
+        dp.register_cuda_shared_memory(req.name, req.raw_handle, req.device_id, req.byte_size)
+        return pb.CudaSharedMemoryRegisterResponse()
+
+    async def cuda_unregister(
+        req: pb.CudaSharedMemoryUnregisterRequest, ctx: Any
+    ) -> pb.CudaSharedMemoryUnregisterResponse:
+        dp.unregister_shared_memory(CUDA, req.name)
+        return pb.CudaSharedMemoryUnregisterResponse()
 
     handlers: dict[str, grpc.RpcMethodHandler] = {
         "ServerLive": _unary(server_live, pb.ServerLiveRequest),
@@ -148,14 +191,14 @@ def build_handler(dp: DataPlane, limiter: RateLimiter | None = None) -> grpc.Gen
         "RepositoryModelLoad": _unary(repository_load, pb.RepositoryModelLoadRequest),
         "RepositoryModelUnload": _unary(repository_unload, pb.RepositoryModelUnloadRequest),
         "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(stream_infer),
+        "SystemSharedMemoryStatus": _unary(system_status, pb.SystemSharedMemoryStatusRequest),
+        "SystemSharedMemoryRegister": _unary(system_register, pb.SystemSharedMemoryRegisterRequest),
+        "SystemSharedMemoryUnregister": _unary(system_unregister, pb.SystemSharedMemoryUnregisterRequest),
+        "CudaSharedMemoryStatus": _unary(cuda_status, pb.CudaSharedMemoryStatusRequest),
+        "CudaSharedMemoryRegister": _unary(cuda_register, pb.CudaSharedMemoryRegisterRequest),
+        "CudaSharedMemoryUnregister": _unary(cuda_unregister, pb.CudaSharedMemoryUnregisterRequest),
     }
     for name in (
-        "SystemSharedMemoryStatus",
-        "SystemSharedMemoryRegister",
-        "SystemSharedMemoryUnregister",
-        "CudaSharedMemoryStatus",
-        "CudaSharedMemoryRegister",
-        "CudaSharedMemoryUnregister",
         "TraceSetting",
         "LogSettings",
     ):

@@ -17,6 +17,7 @@ from aiohttp import http_exceptions, http_parser, web, web_protocol
 
 from dl_inference.dataplane import DataPlane
 from dl_inference.errors import InvalidArgument, ServerError
+from dl_inference.gateway.http_shared_memory import add_shared_memory_routes
 from dl_inference.gateway.tfserving_http import add_tfserving_routes
 from dl_inference.protocol.datatypes import element_size
 from dl_inference.protocol.generated import grpc_service_pb2 as pb
@@ -31,6 +32,7 @@ from dl_inference.security import (
     http_role,
     token_from_headers,
 )
+from dl_inference.sharedmem.params import uses_shared_memory
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +182,7 @@ class HttpFrontend:
             r.add_get(prefix + "/stats", self.stats)
             r.add_post(prefix + "/infer", self.infer)
         add_tfserving_routes(r, self)  # TF-Serving REST: /v1/models/{m}[...]:predict, status, metadata
+        add_shared_memory_routes(r, self)  # v2/systemsharedmemory/..., v2/cudasharedmemory/...
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -376,7 +379,11 @@ class HttpFrontend:
             timeout_us = infer_request.parameters["timeout"].int64_param
             if timeout_us > 0:
                 deadline = time.monotonic() + timeout_us / 1e6
-        reply = await self.dp.infer(infer_request.SerializeToString(), name, version, deadline)
+        payload = infer_request.SerializeToString()
+        if uses_shared_memory(infer_request):
+            reply = await self.dp.infer_shared(payload, name, version, deadline)
+        else:
+            reply = await self.dp.infer(payload, name, version, deadline)
         out_body, json_length = render_infer_response(pb.ModelInferResponse.FromString(reply), policy)
         if json_length is None:
             return web.Response(body=out_body, content_type="application/json")

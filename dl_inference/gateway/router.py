@@ -8,6 +8,7 @@ through the repository API (and ``--load-model`` at start); ``poll`` rescans the
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Coroutine, Mapping
@@ -18,7 +19,7 @@ from dl_inference.balancer.balancer import Balancer
 from dl_inference.balancer.local import LocalEndpoint
 from dl_inference.balancer.remote import ANY_VERSION
 from dl_inference.config import ServerSettings
-from dl_inference.dataplane import DataPlane
+from dl_inference.dataplane import EXTENSIONS, DataPlane, parse_infer_request
 from dl_inference.errors import (
     CODE_FROM_WIRE,
     Code,
@@ -38,12 +39,16 @@ from dl_inference.protocol.generated import model_config_pb2 as mc
 from dl_inference.protocol.model_info import model_metadata
 from dl_inference.repository.config import instance_kinds
 from dl_inference.repository.scan import ModelSource, scan_model, scan_repository, validate_model_name
+from dl_inference.sharedmem.params import uses_shared_memory
+from dl_inference.sharedmem.registry import Region, SharedMemoryRegistry
 from dl_inference.stats import ModelStats, failure_reason
 
 log = logging.getLogger(__name__)
 
 
 class GatewayDataPlane(DataPlane):
+    extensions = (*EXTENSIONS, "system_shared_memory", "cuda_shared_memory")
+
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.repository = Path(settings.model_repository).resolve()
@@ -62,6 +67,8 @@ class GatewayDataPlane(DataPlane):
             local_endpoints=self._local_endpoints, max_message_bytes=settings.max_request_bytes,
         )  # fmt: skip
         self._remote_stats: dict[tuple[str, str], ModelStats] = {}
+        self.shared_memory = SharedMemoryRegistry(own_pids=self._worker_pids)
+        self.shared_memory.on_forget = self._forget_regions
 
     def _local_endpoints(self) -> list[LocalEndpoint]:
         return [e for m in self.models.values() for mv in m.versions.values() for e in mv.endpoints]
@@ -91,6 +98,8 @@ class GatewayDataPlane(DataPlane):
         self._started = True
         if mode == "poll":
             self._spawn_task(self._poll_loop())
+        if self.settings.shared_memory_sweep_s:
+            self._spawn_task(self._sweep_loop(self.settings.shared_memory_sweep_s))
         log.info("ready: %s", ", ".join(sorted(self.models)) or "no models")
 
     def stop_accepting(self) -> None:
@@ -393,16 +402,24 @@ class GatewayDataPlane(DataPlane):
     def _route(self, name: str, version: str) -> ModelVersion:
         return self._version(self._model(name), version)
 
-    async def infer(self, payload: bytes, name: str, version: str, deadline: float | None = None) -> bytes:
+    async def infer(
+        self, payload: bytes, name: str, version: str, deadline: float | None = None, local_only: bool = False
+    ) -> bytes:
         start = time.monotonic_ns()
         model = self.models.get(name)
+        if model is None and local_only:
+            self._model(name)  # NOT_FOUND when nobody serves it
+            raise InvalidArgument(
+                f"model '{name}' has no instance on this host: shared-memory tensors need one (remote nodes "
+                "cannot read this host's memory); send the tensors in the request instead"
+            )
         if model is not None:
             mv = self._version(model, version)
             stats = mv.stats
             key: object = (name, mv.version)
             what = f"model '{name}' version {mv.version}"
             endpoints: list[Any] = mv.endpoints
-            if self.balancer.nodes:
+            if self.balancer.nodes and not local_only:
                 remote = self.balancer.remote_for(name, str(mv.version))
                 if remote:
                     endpoints = endpoints + remote
@@ -436,6 +453,49 @@ class GatewayDataPlane(DataPlane):
             self._inflight -= 1
         stats.record_success(time.monotonic_ns() - start, exec_stats)
         return body
+
+    # -- shared memory ------------------------------------------------------------------------------
+    async def infer_shared(self, payload: bytes, name: str, version: str, deadline: float | None = None) -> bytes:
+        request = await parse_infer_request(payload)
+        if not uses_shared_memory(request):
+            return await self.infer(payload, name, version, deadline)
+        extra, pinned = self.shared_memory.attach(request)
+        try:
+            return await self.infer(payload + extra, name, version, deadline, local_only=True)
+        finally:
+            self.shared_memory.release(pinned)
+
+    def register_system_shared_memory(self, name: str, key: str, offset: int, byte_size: int) -> None:
+        self.shared_memory.register_system(name, key, offset, byte_size)
+
+    def register_cuda_shared_memory(self, name: str, raw_handle: bytes, device_id: int, byte_size: int) -> None:
+        self.shared_memory.register_cuda(name, raw_handle, device_id, byte_size)
+
+    def unregister_shared_memory(self, kind: str, name: str) -> None:
+        self.shared_memory.unregister(kind, name)
+
+    def shared_memory_status(self, kind: str, name: str) -> list[Region]:
+        return self.shared_memory.status(kind, name)
+
+    def _worker_pids(self) -> list[int]:
+        return [e.instance.process.pid for e in self._local_endpoints() if e.instance.process is not None]
+
+    def _forget_regions(self, generations: list[int]) -> None:
+        """Tell every local worker to unmap regions that are gone (they map them lazily, per use)."""
+        payload = json.dumps(generations).encode()
+        for endpoint in self._local_endpoints():
+            proto = endpoint.instance.proto
+            if proto is not None:
+                proto.send(Kind.FORGET_REGIONS, 0, payload)
+
+    async def _sweep_loop(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                held = await asyncio.to_thread(self.shared_memory.holders)
+                self.shared_memory.sweep(held)
+            except Exception:  # a bug here must not end the sweeping
+                log.exception("shared-memory sweep failed")
 
     def _remote_endpoints(self, name: str, version: str) -> list[Any]:
         """Remote nodes for a model this gateway does not hold itself (NotFound if none serves it)."""

@@ -12,6 +12,8 @@ Frame = header ``<IQBB2x`` (payload length, request id, kind, error code) + payl
 * ``RESULT``     worker -> gateway: :data:`STATS` block + serialized ``ModelInferResponse``.
 * ``ERROR``      worker -> gateway: :data:`STATS` block + utf-8 message; ``code`` is errors.WIRE_CODE.
 * ``CANCEL``     gateway -> worker: the client went away; drop the request if it has not run yet.
+* ``FORGET_REGIONS`` gateway -> worker: shared-memory registrations that are gone (JSON list of
+  generations); the worker unmaps them.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class Kind(enum.IntEnum):
     CANCEL = 6
     PING = 7  # gateway -> worker health probe; answered with PONG and the same id
     PONG = 8
+    FORGET_REGIONS = 9
 
 
 @dataclass(slots=True)

@@ -23,7 +23,8 @@ Decisions worth knowing:
   (``parameters.binary_data_size``) automatically even when JSON was asked for.
 * ``binary_data_size`` / ``binary_data`` (per tensor) and ``binary_data_output`` (request) are
   consumed here and not forwarded; all other parameters are forwarded as InferParameter.
-* Shared-memory inputs (``shared_memory_region``) are answered with Unimplemented.
+* Tensors in shared memory (``shared_memory_region`` & co.) carry no data: their parameters are
+  forwarded and the worker reads or writes the region; such an output is answered without ``data``.
 """
 
 from __future__ import annotations
@@ -37,10 +38,11 @@ from typing import Any
 import numpy as np
 import orjson
 
-from dl_inference.errors import InternalError, InvalidArgument, Unimplemented
+from dl_inference.errors import InternalError, InvalidArgument
 from dl_inference.protocol.datatypes import V2_DATATYPES, numpy_dtype
 from dl_inference.protocol.generated import grpc_service_pb2 as pb
 from dl_inference.protocol.tensors import (
+    SHARED_MEMORY_REGION,
     _contents_to_numpy,
     _element_count,
     check_unicode,
@@ -458,11 +460,13 @@ def parse_infer_request(
             in_params = dict(in_params)
             size = in_params.pop("binary_data_size", None)
             in_params.pop("binary_data", None)
-            if "shared_memory_region" in in_params:
-                raise Unimplemented(f"{label}: shared-memory inputs are not supported over HTTP")
             json_to_parameters(in_params, tensor.parameters, f"{label} parameter")
 
         data = item.get("data")
+        if SHARED_MEMORY_REGION in tensor.parameters:  # the bytes are in a region: the worker reads them
+            if data is not None or size is not None:
+                raise InvalidArgument(f"{label}: has both a shared-memory region and 'data' or binary data")
+            continue
         if size is not None:
             if data is not None:
                 raise InvalidArgument(f"{label}: has both 'data' and parameters.binary_data_size")
@@ -583,6 +587,9 @@ def _render_output(tensor: Any, raw: bytes | None, binary: bool) -> tuple[dict[s
     datatype = tensor.datatype
     entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(tensor.shape)}
     params = parameters_to_json(tensor.parameters) if tensor.parameters else {}
+    if SHARED_MEMORY_REGION in params:  # written to the client's region: no data here
+        entry["parameters"] = params
+        return entry, None, True
     if not binary:
         if raw is not None:
             arr = raw_to_numpy(raw, datatype, tensor.shape, name, "output")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -277,19 +277,43 @@ def _has_contents(tensor: Any) -> bool:
     return tensor.HasField("contents") and bool(tensor.contents.ListFields())
 
 
-def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
+SHARED_MEMORY_REGION = "shared_memory_region"  # the tensor parameter of Triton's shared-memory extension
+
+# (input tensor, label) -> its bytes from shared memory, or None when it has no region
+SharedReader = Callable[[Any, str], "bytes | memoryview | None"]
+
+
+def decode_inputs(request: pb.ModelInferRequest, read_shared: SharedReader | None = None) -> dict[str, np.ndarray]:
     """Decode all inputs of a ModelInferRequest into ``{name: array}`` (in request order).
 
-    Uses ``raw_input_contents`` (exactly one entry per input) when present, else typed ``contents``.
+    Uses ``raw_input_contents`` (exactly one entry per input not in shared memory) when present, else
+    typed ``contents``. An input in shared memory (parameter ``shared_memory_region``) takes its bytes
+    from ``read_shared``; without one such an input is refused.
     Raises InvalidArgument for duplicate/empty names, negative dimensions, unknown datatypes,
     raw/contents mixing, raw count mismatch, and data that does not match the shape.
     """
     inputs = request.inputs
     raws = request.raw_input_contents
+    shared: dict[int, bytes | memoryview] = {}
+    for i, tensor in enumerate(inputs):
+        if SHARED_MEMORY_REGION in tensor.parameters:
+            label = f"input '{tensor.name}'"
+            data = read_shared(tensor, label) if read_shared is not None else None
+            if data is None:
+                raise InvalidArgument(f"{label}: shared-memory tensors are not served by this endpoint")
+            if _has_contents(tensor):
+                raise InvalidArgument(f"{label}: has both a shared-memory region and typed contents")
+            shared[i] = data
     use_raw = len(raws) > 0
-    if use_raw and len(raws) != len(inputs):
-        raise InvalidArgument(f"expected {len(inputs)} raw_input_contents entries (one per input), got {len(raws)}")
+    inline = len(inputs) - len(shared)
+    if use_raw and len(raws) != inline:
+        raise InvalidArgument(
+            f"expected {inline} raw_input_contents entries (one per input"
+            + (" not in shared memory" if shared else "")
+            + f"), got {len(raws)}"
+        )
     out: dict[str, np.ndarray] = {}
+    raw_index = 0
     for i, tensor in enumerate(inputs):
         name = tensor.name
         if not name:
@@ -297,10 +321,13 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
         label = f"input '{name}'"
         if name in out:
             raise InvalidArgument(f"{label} is given more than once")
-        if use_raw:
+        if i in shared:
+            out[name] = raw_to_numpy(shared[i], tensor.datatype, tensor.shape, name, "input")
+        elif use_raw:
             if _has_contents(tensor):
                 raise InvalidArgument(f"{label}: typed contents cannot be mixed with raw_input_contents in one request")
-            out[name] = raw_to_numpy(raws[i], tensor.datatype, tensor.shape, name, "input")
+            out[name] = raw_to_numpy(raws[raw_index], tensor.datatype, tensor.shape, name, "input")
+            raw_index += 1
         else:
             out[name] = _contents_to_numpy(tensor, label)
     return out
@@ -362,10 +389,13 @@ def build_response(
     request_id: str,
     outputs: Sequence[tuple[str, np.ndarray]],
     parameters: Mapping[str, ParameterValue] | None = None,
+    shared: Mapping[str, Mapping[str, ParameterValue]] | None = None,
 ) -> pb.ModelInferResponse:
     """Build a ModelInferResponse with every output in ``raw_output_contents``, in the given order.
 
     The V2 datatype of each output is derived from its numpy dtype (object/str/bytes -> BYTES).
+    Outputs named in ``shared`` were written to shared memory: they get an empty raw entry (so the
+    indexes of the others still line up, as tritonclient expects) and those parameters.
     """
     response = pb.ModelInferResponse(model_name=model_name, model_version=model_version, id=request_id)
     if parameters:
@@ -380,7 +410,12 @@ def build_response(
         tensor.name = name
         tensor.datatype = datatype
         tensor.shape.extend(arr.shape)
-        raws.append(tensor_to_raw(arr, datatype))
+        if shared is not None and name in shared:
+            for key, value in shared[name].items():
+                set_parameter(tensor.parameters, key, value, "output parameter")
+            raws.append(b"")
+        else:
+            raws.append(tensor_to_raw(arr, datatype))
     return response
 
 

@@ -26,10 +26,26 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
             raise InvalidArgument("malformed ModelInferRequest: varint too long")
 
 
+# Shared-memory requests need the gateway's attention (region checks, locations); their markers can
+# only sit in the request's parameters (field 4), inputs (5) or requested outputs (6).
+_SHARED_MARKERS = (b"shared_memory_region", b"dl_inference_shm_locations")
+
+
 def route_fields(buf: bytes) -> tuple[str, str]:
     """(model_name, model_version) of a serialized ModelInferRequest; last occurrence wins."""
+    name, version, _ = peek_request(buf)
+    return name, version
+
+
+def peek_request(buf: bytes) -> tuple[str, str, bool]:
+    """(model_name, model_version, may use shared memory) of a serialized ModelInferRequest.
+
+    The flag is True when the parameters, inputs or outputs contain a shared-memory marker; it may
+    be a false alarm (a tensor named so), never a miss, so a True request is parsed to be sure.
+    """
     name = b""
     version = b""
+    shared = False
     pos = 0
     end = len(buf)
     while pos < end:
@@ -44,6 +60,8 @@ def route_fields(buf: bytes) -> tuple[str, str]:
                 name = buf[pos:stop]
             elif field == 2:
                 version = buf[pos:stop]
+            elif 4 <= field <= 6 and not shared:
+                shared = any(buf.find(marker, pos, stop) >= 0 for marker in _SHARED_MARKERS)
             pos = stop
         elif wire_type == 0:
             _, pos = _varint(buf, pos)
@@ -56,7 +74,7 @@ def route_fields(buf: bytes) -> tuple[str, str]:
         if pos > end:
             raise InvalidArgument("malformed ModelInferRequest: field runs past the end")
     try:
-        return name.decode(), version.decode()
+        return name.decode(), version.decode(), shared
     except UnicodeDecodeError:
         raise InvalidArgument("malformed ModelInferRequest: model name is not UTF-8") from None
 

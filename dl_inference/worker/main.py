@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -43,6 +44,8 @@ class GatewayLink:
             self.executor.cancel(rid)
         elif kind is Kind.PING:
             self.proto.send(Kind.PONG, rid, b"", urgent=True)
+        elif kind is Kind.FORGET_REGIONS:
+            self.executor.runner.regions.forget(json.loads(payload))
         else:
             log.warning("unexpected frame kind %s from gateway", kind)
 

@@ -10,17 +10,29 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from google.protobuf.message import DecodeError
 
 from dl_inference.backends.base import Backend
 from dl_inference.errors import InternalError, InvalidArgument, NotFound, ServerError
-from dl_inference.protocol.datatypes import numpy_dtype
+from dl_inference.protocol.datatypes import datatype_of, numpy_dtype
 from dl_inference.protocol.generated import grpc_service_pb2 as pb
 from dl_inference.protocol.generated import model_config_pb2 as mc
 from dl_inference.protocol.model_info import dtype_name
-from dl_inference.protocol.tensors import build_response, decode_inputs
+from dl_inference.protocol.tensors import SharedReader, build_response, decode_inputs
+from dl_inference.sharedmem.mapping import RegionMaps
+from dl_inference.sharedmem.params import (
+    BYTE_SIZE,
+    LOCATIONS,
+    OFFSET,
+    REGION,
+    Location,
+    TensorRef,
+    decode_locations,
+    tensor_ref,
+)
 from dl_inference.worker.handler import Handler, config_parameters, request_parameters
 
 log = logging.getLogger(__name__)
@@ -59,6 +71,8 @@ class Prepared:
     prepare_ns: int
     #: config parameters overlaid with the request's, for a handler (None without one)
     parameters: dict[str, object] | None = None
+    #: outputs to write into shared memory: name -> (where, the region's location)
+    shared_outputs: dict[str, tuple[TensorRef, Location]] | None = None
 
 
 @dataclass(slots=True)
@@ -97,6 +111,7 @@ class ModelRunner:
         self.outputs = _specs(config.output)
         self.output_order = [t.name for t in config.output]
         self.max_tensor_elements = 0  # 0: no limit beyond the request size
+        self.regions = RegionMaps()  # shared-memory regions requests name (mapped on first use)
         self.max_bytes_element = 0
 
     # -- validation ---------------------------------------------------------------------------
@@ -199,7 +214,8 @@ class ModelRunner:
             raise NotFound(f"unknown model '{request.model_name}' (this worker serves '{self.name}')")
         rows = self._check_inputs(request)
         output_names = self._requested_outputs(request)
-        inputs = decode_inputs(request)
+        reader, shared_outputs = self._shared_memory(request)
+        inputs = decode_inputs(request, reader)
         if self.max_bytes_element:
             self._check_bytes_elements(inputs)
         lead = self.max_batch_size > 0
@@ -225,7 +241,60 @@ class ModelRunner:
             timeout_us=_int_parameter(request, "timeout"),
             prepare_ns=time.monotonic_ns() - start,
             parameters=parameters,
+            shared_outputs=shared_outputs,
         )
+
+    def _shared_memory(
+        self, request: pb.ModelInferRequest
+    ) -> tuple[SharedReader | None, dict[str, tuple[TensorRef, Location]] | None]:
+        """How to read the request's shared-memory inputs and where its shared-memory outputs go.
+
+        The regions' locations come from the gateway (parameter LOCATIONS); a tensor naming a region
+        the request has no location for is refused, never read as if it had no data.
+        """
+        if LOCATIONS not in request.parameters:
+            for out in request.outputs:
+                if REGION in out.parameters:
+                    raise InvalidArgument(f"output '{out.name}': shared-memory tensors are not served by this endpoint")
+            return None, None
+        locations = decode_locations(request)
+        regions = self.regions
+
+        def located(params: Any, label: str) -> tuple[TensorRef, Location] | None:
+            ref = tensor_ref(params, label)
+            if ref is None:
+                return None
+            loc = locations.get(ref.region)
+            if loc is None:
+                raise InvalidArgument(f"{label}: shared-memory region '{ref.region}' is not registered")
+            return ref, loc
+
+        def read(tensor: Any, label: str) -> bytes | memoryview | None:
+            found = located(tensor.parameters, label)
+            return None if found is None else regions.read_input(found[0].region, found[1], found[0], label)
+
+        outputs = {}
+        for out in request.outputs:
+            found = located(out.parameters, f"output '{out.name}'")
+            if found is not None:
+                outputs[out.name] = found
+        return read, outputs or None
+
+    def _write_shared(self, p: Prepared, outs: list[tuple[str, np.ndarray]]) -> dict[str, dict[str, int | str]]:
+        """Write ``p``'s shared-memory outputs into their regions; each one's response parameters."""
+        assert p.shared_outputs is not None
+        written: dict[str, dict[str, int | str]] = {}
+        for name, arr in outs:
+            target = p.shared_outputs.get(name)
+            if target is None:
+                continue
+            ref, loc = target
+            arr = np.asarray(arr)
+            nbytes = self.regions.write_output(ref.region, loc, ref, arr, datatype_of(arr.dtype), f"output '{name}'")
+            written[name] = {REGION: ref.region, BYTE_SIZE: nbytes}
+            if ref.offset:
+                written[name][OFFSET] = ref.offset
+        return written
 
     def infer(self, inputs: dict[str, np.ndarray], output_names: Sequence[str]) -> dict[str, np.ndarray]:
         """One direct call (warm-up), through the handler when there is one."""
@@ -235,7 +304,8 @@ class ModelRunner:
         return {n: self._check_handler_output(n, results) for n in (output_names or self.output_order)}
 
     def close(self) -> None:
-        """Unload the backend and forget the handler module."""
+        """Unload the backend, forget the handler module, unmap shared memory."""
+        self.regions.close()
         self.backend.unload()
         if self.handler is not None:
             self.handler.close()
@@ -298,7 +368,12 @@ class ModelRunner:
             else:
                 outs = [(n, shaped[n][offset : offset + p.rows]) for n in p.outputs]
             offset += p.rows
-            body = build_response(self.name, self.version, p.request_id, outs).SerializeToString()
+            try:
+                shared = self._write_shared(p, outs) if p.shared_outputs else None
+            except ServerError as exc:  # e.g. this request's output region is too small: only it fails
+                outcomes.append((None, exc))
+                continue
+            body = build_response(self.name, self.version, p.request_id, outs, shared=shared).SerializeToString()
             outcomes.append((body, None))
         t3 = time.monotonic_ns()
         return outcomes, ExecTimes(t1 - t0, t2 - t1, t3 - t2)

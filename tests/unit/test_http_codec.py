@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
-from dl_inference.errors import InternalError, InvalidArgument, ServerError, Unimplemented
+from dl_inference.errors import InternalError, InvalidArgument, ServerError
 from dl_inference.protocol.generated import grpc_service_pb2 as pb
 from dl_inference.protocol.http_codec import (
     OutputPolicy,
@@ -486,10 +486,37 @@ def test_duplicate_inputs() -> None:
     )
 
 
-def test_shared_memory_inputs_unimplemented() -> None:
-    body = {"inputs": [{"name": "x", "datatype": "INT8", "shape": [1], "parameters": {"shared_memory_region": "r"}}]}
-    with pytest.raises(Unimplemented):
-        parse(body)
+def test_shared_memory_inputs_carry_their_parameters_and_no_data() -> None:
+    shm_params = {"shared_memory_region": "r", "shared_memory_byte_size": 2, "shared_memory_offset": 4}
+    body = {
+        "inputs": [
+            {"name": "x", "datatype": "INT8", "shape": [2], "parameters": shm_params},
+            tensor("y", "INT8", [1], [7]),
+        ]
+    }
+    request, _ = parse(body)
+    assert [t.name for t in request.inputs] == ["x", "y"]
+    assert request.inputs[0].parameters["shared_memory_region"].string_param == "r"
+    assert request.inputs[0].parameters["shared_memory_offset"].int64_param == 4
+    assert list(request.raw_input_contents) == [b"\x07"]  # only the inline input has data
+    both = {"name": "x", "datatype": "INT8", "shape": [1], "parameters": shm_params, "data": [1]}
+    expect_error({"inputs": [both]}, "input 'x': has both a shared-memory region and 'data'")
+
+
+def test_shared_memory_outputs_render_without_data() -> None:
+    response = build_response(
+        "m", "1", "", [("a", np.zeros((1, 2), np.float32)), ("b", np.ones(2, np.int8))],
+        shared={"a": {"shared_memory_region": "out", "shared_memory_byte_size": 8}},
+    )  # fmt: skip
+    assert response.raw_output_contents[0] == b""
+    body, header_length = render_infer_response(response, OutputPolicy())
+    assert header_length is None
+    outputs = json.loads(body)["outputs"]
+    assert outputs[0] == {
+        "name": "a", "datatype": "FP32", "shape": [1, 2],
+        "parameters": {"shared_memory_region": "out", "shared_memory_byte_size": 8},
+    }  # fmt: skip
+    assert outputs[1]["data"] == [1, 1]
 
 
 def test_errors_are_server_errors_only() -> None:
