@@ -13,6 +13,19 @@ What it does:
    - ``resnet50_fp16``: precision fp16, compile off;
    - ``resnet50_fp16_compiled``: precision fp16, compile reduce-overhead (CUDA graphs),
      compile_batch_sizes 1,2,4,8,16,32,64 (each compiled and captured before the model is ready);
+   - ``resnet50_fp16_compiled_u8``: the same, clients sending UINT8 pixels;
+   - ``resnet50_jpeg`` and ``resnet50_jpeg_cpu`` (only with ``--models``: JPEG mode): the fp16
+     compiled network behind the example handler ``dl_inference/example_handlers/resnet50_jpeg.py``;
+     clients send ``image`` (BYTES, one JPEG per row) and get the top 5 (``labels`` BYTES
+     ``"score:index:label"``, ``indices`` INT64, ``scores`` FP32). ``resnet50_jpeg`` decodes with
+     nvJPEG on the GPU (``decode gpu``: the load fails without torchvision), ``resnet50_jpeg_cpu``
+     with Pillow (``decode cpu``); ``model_warmup`` samples (one per compile batch size, a JPEG in
+     ``warmup/image.bin``) compile and capture through the handler before the model is ready. The
+     load cycles through 256 distinct synthetic photo-like JPEGs (``load_tests/synthetic_jpeg.py``),
+     ``--image`` square, quality 90, sent as BYTES over gRPC; the in-process ceiling then adds
+     "jpeg, GPU decode" and "jpeg, CPU decode" (the handler's preprocessing + the fp16 compiled
+     network + top 5, at the ceiling batch), and the report the JPEG ratios (target: >= 5,000
+     images/s with GPU decode at the highest concurrency);
 
 2. starts ONE ``dl-inference serve --model-control-mode explicit`` on free ports and, model by
    model, loads it (``POST /v2/repository/models/{m}/load``; the compiled one prints its
@@ -44,6 +57,11 @@ compiled and captured, is most of the rest beyond the 9 x 13 s of load)::
     python3 -m load_tests.bench_pytorch_gpu --duration 6 --warmup 2   # about a minute shorter
     python3 -m load_tests.bench_pytorch_gpu --models resnet50_fp16_compiled --no-ceiling
 
+JPEG mode, GPU decode against Pillow decode (about 4 minutes: two compiled loads, no eager ceiling)::
+
+    python3 -m load_tests.bench_pytorch_gpu --models resnet50_jpeg,resnet50_jpeg_cpu --concurrency 64 \
+        --name bench_pytorch_gpu_jpeg --out-dir "$OUT"
+
 CPU smoke test (64x64 images, max batch 4, compile "default", concurrency 1 and 4; ~80 s)::
 
     .venv/bin/python -m load_tests.bench_pytorch_gpu --device cpu --quick
@@ -68,6 +86,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -91,9 +110,17 @@ from load_tests.loadgen import LoadConfig, LoadgenError, summary_line
 from load_tests.loadgen import run as run_load
 
 RESNET_SOURCE = Path(__file__).with_name("resnet50_torch.py")
+JPEG_HANDLER = REPO_ROOT / "dl_inference" / "example_handlers" / "resnet50_jpeg.py"
 FP32, FP16, COMPILED = "resnet50_fp32", "resnet50_fp16", "resnet50_fp16_compiled"
 COMPILED_U8 = "resnet50_fp16_compiled_u8"  # clients send UINT8 pixels (4x fewer bytes); scaled on the GPU
-MODELS = (FP32, FP16, COMPILED, COMPILED_U8)
+# Clients send JPEG bytes; the handler decodes them on the GPU (nvJPEG) or, for the _cpu copy, with Pillow.
+JPEG, JPEG_CPU = "resnet50_jpeg", "resnet50_jpeg_cpu"
+JPEG_MODELS = (JPEG, JPEG_CPU)
+MODELS = (FP32, FP16, COMPILED, COMPILED_U8, JPEG, JPEG_CPU)
+DEFAULT_MODELS = (FP32, FP16, COMPILED, COMPILED_U8)  # the JPEG pair: --models resnet50_jpeg,resnet50_jpeg_cpu
+JPEG_QUALITY = 90
+JPEG_POOL = 256  # distinct images the JPEG load cycles through
+JPEG_TARGET = 5000.0  # resnet50_jpeg served images/s at the highest concurrency (issue 19): at least this
 # model.py of the UINT8 variant: the same network (same state_dict names), pixels / 255 on the device.
 U8_WRAPPER = """
 
@@ -215,7 +242,7 @@ def model_parameters(model: str, compile_mode: str, compile_batch_sizes: str) ->
         return {"precision": "fp32", "compile": "off"}
     if model == FP16:
         return {"precision": "fp16", "compile": "off"}
-    if model in (COMPILED, COMPILED_U8):
+    if model in (COMPILED, COMPILED_U8, *JPEG_MODELS):
         params = {"precision": "fp16", "compile": compile_mode}
         if compile_mode != "off" and compile_batch_sizes:
             params["compile_batch_sizes"] = compile_batch_sizes
@@ -232,27 +259,71 @@ def config_text(
     device: str = "gpu",
     gpu: int = 0,
     input_type: str = "TYPE_FP32",
+    tensors: str | None = None,
 ) -> str:
-    """Triton ``config.pbtxt`` text for one ResNet-50 copy."""
+    """Triton ``config.pbtxt`` text for one ResNet-50 copy; ``tensors``: its input/output lines, when not
+    the network's own (a model behind a handler)."""
     if device == "gpu":
         group = f"instance_group [ {{ kind: KIND_GPU count: 1 gpus: [ {gpu} ] }} ]"
     else:
         group = "instance_group [ { kind: KIND_CPU count: 1 } ]"
     params = "\n".join(f'parameters {{ key: "{k}" value {{ string_value: "{v}" }} }}' for k, v in parameters.items())
+    if tensors is None:
+        tensors = (
+            f'input [ {{ name: "{INPUT}" data_type: {input_type} dims: [ 3, {image}, {image} ] }} ]\n'
+            f'output [ {{ name: "{OUTPUT}" data_type: TYPE_FP32 dims: [ {NUM_CLASSES} ] }} ]\n'
+        )
     return f"""name: "{name}"
 backend: "pytorch"
 max_batch_size: {max_batch_size}
-input [ {{ name: "{INPUT}" data_type: {input_type} dims: [ 3, {image}, {image} ] }} ]
-output [ {{ name: "{OUTPUT}" data_type: TYPE_FP32 dims: [ {NUM_CLASSES} ] }} ]
-dynamic_batching {{ max_queue_delay_microseconds: {delay_us} }}
+{tensors}dynamic_batching {{ max_queue_delay_microseconds: {delay_us} }}
 {group}
 {params}
 """
 
 
+def jpeg_config_text(
+    name: str,
+    parameters: dict[str, str],
+    image: int = 224,
+    max_batch_size: int = 64,
+    delay_us: int = 1000,
+    device: str = "gpu",
+    gpu: int = 0,
+    warmup_batch_sizes: tuple[int, ...] = (1,),
+    warmup_count: int = 1,
+) -> str:
+    """``config.pbtxt`` of a JPEG model: what clients see (``image`` BYTES in, top-k out; the handler
+    turns them into the network's pixels and back), and one warm-up sample per batch size, through the
+    handler, so that the compiled graphs exist before the model is ready (the backend cannot warm up a
+    model whose inputs only the handler knows)."""
+    tensors = (
+        'input [ { name: "image" data_type: TYPE_STRING dims: [ 1 ] } ]\n'
+        'output [ { name: "labels" data_type: TYPE_STRING dims: [ -1 ] },\n'
+        '         { name: "indices" data_type: TYPE_INT64 dims: [ -1 ] },\n'
+        '         { name: "scores" data_type: TYPE_FP32 dims: [ -1 ] } ]\n'
+    )
+    warmups = "".join(
+        f'model_warmup {{ name: "jpeg_batch_{b}" batch_size: {b} count: {warmup_count} inputs {{ key: "image" '
+        f'value {{ data_type: TYPE_STRING dims: [ 1 ] input_data_file: "image.bin" }} }} }}\n'
+        for b in warmup_batch_sizes
+    )
+    return config_text(name, parameters, image, max_batch_size, delay_us, device, gpu, tensors=tensors) + warmups
+
+
+def jpeg_parameters(model: str, device: str, image: int, compile_mode: str, compile_batch_sizes: str) -> dict[str, str]:
+    """A JPEG model's parameters: the network's (as resnet50_fp16_compiled) and the handler's."""
+    params = model_parameters(model, compile_mode, compile_batch_sizes)
+    # gpu, not auto: a GPU run without torchvision must fail, not measure Pillow under the GPU's name
+    params["decode"] = "gpu" if model == JPEG and device == "gpu" else "cpu"
+    params["image_size"] = str(image)
+    params["top_k"] = "5"
+    return params
+
+
 def write_repository(
     root: Path,
-    models: tuple[str, ...] | list[str] = MODELS,
+    models: tuple[str, ...] | list[str] = DEFAULT_MODELS,
     image: int = 224,
     max_batch_size: int = 64,
     delay_us: int = 1000,
@@ -276,10 +347,15 @@ def write_repository(
         version.mkdir(parents=True, exist_ok=True)
         u8 = name == COMPILED_U8
         (version / "model.py").write_text(source + (U8_WRAPPER if u8 else ""))
-        params = model_parameters(name, compile_mode, compile_batch_sizes)
-        text = config_text(
-            name, params, image, max_batch_size, delay_us, device, input_type="TYPE_UINT8" if u8 else "TYPE_FP32"
-        )
+        if name in JPEG_MODELS:
+            text = write_jpeg_extras(
+                root / name, name, image, max_batch_size, delay_us, device, compile_mode, compile_batch_sizes, seed
+            )
+        else:
+            params = model_parameters(name, compile_mode, compile_batch_sizes)
+            text = config_text(
+                name, params, image, max_batch_size, delay_us, device, input_type="TYPE_UINT8" if u8 else "TYPE_FP32"
+            )
         (root / name / "config.pbtxt").write_text(text)
         target = version / "model.safetensors"
         target.unlink(missing_ok=True)
@@ -294,6 +370,41 @@ def write_repository(
     if weights is None:
         raise ValueError("no model to write")
     return weights
+
+
+def write_jpeg_extras(
+    model_dir: Path,
+    name: str,
+    image: int,
+    max_batch_size: int,
+    delay_us: int,
+    device: str,
+    compile_mode: str,
+    compile_batch_sizes: str,
+    seed: int,
+) -> str:
+    """A JPEG model's handler.py (the example handler, verbatim) and warm-up image; its config text."""
+    from load_tests.synthetic_jpeg import synthetic_jpegs
+
+    shutil.copyfile(JPEG_HANDLER, model_dir / "handler.py")
+    (model_dir / "warmup").mkdir(exist_ok=True)
+    jpeg = synthetic_jpegs(1, image, JPEG_QUALITY, seed + 1)[0]
+    (model_dir / "warmup" / "image.bin").write_bytes(len(jpeg).to_bytes(4, "little") + jpeg)  # V2 BYTES element
+    params = jpeg_parameters(name, device, image, compile_mode, compile_batch_sizes)
+    compiled = params["compile"] != "off"
+    sizes = tuple(_int_list(params["compile_batch_sizes"])) if compiled and "compile_batch_sizes" in params else (1,)
+    count = 3 if params["compile"] in ("reduce-overhead", "max-autotune") else 1  # as the backend's own warm-up
+    return jpeg_config_text(name, params, image, max_batch_size, delay_us, device, 0, sizes, count)
+
+
+def jpeg_pool(image: int, count: int = JPEG_POOL, seed: int = 0) -> np.ndarray:
+    """The JPEG load's rows: ``count`` distinct photo-like images, BYTES [count, 1]."""
+    from load_tests.synthetic_jpeg import synthetic_jpegs
+
+    rows = np.empty((count, 1), dtype=object)
+    for i, data in enumerate(synthetic_jpegs(count, image, JPEG_QUALITY, seed)):
+        rows[i, 0] = data
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,7 +471,8 @@ def _echo_progress(log: Path, offset: int, say: Output) -> int:
         return offset
     end = data.rfind(b"\n") + 1  # whole lines only
     for line in data[:end].decode(errors="replace").splitlines():
-        if "compiled for batch size" in line or ("precision" in line and "compile" in line):
+        wanted = ("compiled for batch size", "JPEG decoding", " warmup 'jpeg_batch_")
+        if any(w in line for w in wanted) or ("precision" in line and "compile" in line):
             at = line.find("model '")
             say.progress("  server: " + (line[at:] if at >= 0 else line).strip())
     return offset + end
@@ -411,10 +523,16 @@ def stats_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]
 
 
 def measure(
-    server: Server, model: str, concurrency: int, args: argparse.Namespace, request_batch: int = 1
+    server: Server,
+    model: str,
+    concurrency: int,
+    args: argparse.Namespace,
+    request_batch: int = 1,
+    input_data: dict[str, np.ndarray] | None = None,
+    shared_memory: str = "",
 ) -> dict[str, Any]:
-    """One loadgen run (gRPC, ``request_batch`` images per request) with the stats delta around it as
-    ``server_stats``."""
+    """One loadgen run (gRPC, ``request_batch`` images per request; ``input_data``: the rows to send,
+    cycled, instead of random tensors) with the stats delta around it as ``server_stats``."""
     cfg = LoadConfig(
         url=server.grpc_url,
         protocol="grpc",
@@ -424,6 +542,8 @@ def measure(
         warmup=args.warmup,
         batch=request_batch,
         request_timeout=args.request_timeout,
+        input_data=input_data or {},
+        shared_memory=shared_memory,
     )
     before = model_stats(server, model)
     try:
@@ -537,11 +657,14 @@ def in_process_ceiling(spec: dict[str, Any], say: Callable[[str], None]) -> list
     x_np = np.random.default_rng(0).standard_normal((batch, 3, image, image)).astype(np.float32)
     staging = torch.empty(x_np.shape, dtype=torch.float32, pin_memory=True) if gpu else None
     rows: list[dict[str, Any]] = []
+    variants = spec.get("variants") or ["fp32 eager", "fp16 eager", "fp16 compiled"]
     for variant, dtype, mode in (
         ("fp32 eager", torch.float32, "off"),
         ("fp16 eager", torch.float16, "off"),
         ("fp16 compiled", torch.float16, spec["compile_mode"]),
     ):
+        if variant not in variants:
+            continue
         net = ResNet50()
         net.load_state_dict(state)
         net = net.eval().to(device).to(dtype)
@@ -549,6 +672,8 @@ def in_process_ceiling(spec: dict[str, Any], say: Callable[[str], None]) -> list
         if mode != "off":
             fn = torch.compile(net, mode=None if mode == "default" else mode, dynamic=False)
         modes = ceiling_modes(fn, dtype, x_np, device, staging)
+        if spec.get("jpeg") and variant == "fp16 compiled":
+            modes += jpeg_ceiling_modes(fn, dtype, batch, image, device, say)
         with torch.inference_mode():
             t0 = time.perf_counter()
             for _ in range(3):
@@ -618,6 +743,40 @@ def ceiling_modes(
         modes.append(("pinned transfers", pinned))
     if gpu and dtype != torch.float32:
         modes.append(("pinned, host cast", host_cast_pinned))
+    return modes
+
+
+def jpeg_ceiling_modes(
+    fn: Callable[..., Any], dtype: Any, batch: int, image: int, device: Any, say: Callable[[str], None]
+) -> list[tuple[str, Callable[[], Any]]]:
+    """The JPEG models' work in process, on ``batch`` distinct photo-like JPEGs: the handler's decode +
+    resize + normalize (nvJPEG on the GPU; Pillow with the handler's default threads on the CPU), the
+    network, the logits back to the host and their top 5. What the served models do, minus the server."""
+    import torch
+
+    from dl_inference.example_handlers import resnet50_jpeg as handler
+
+    rows = [row[0] for row in jpeg_pool(image, batch, seed=1)]
+    modes: list[tuple[str, Callable[[], Any]]] = []
+    gpu = device.type == "cuda"
+    why_not = handler.gpu_decode_unavailable("gpu" if gpu else "cpu")
+    if why_not is None:
+
+        def gpu_decode() -> Any:
+            pixels = handler.preprocess_gpu(rows, image, device)
+            return handler.top_k(fn(pixels.to(dtype)).float().cpu().numpy(), 5)
+
+        modes.append(("jpeg, GPU decode", gpu_decode))
+    else:
+        say(f"  ceiling jpeg, GPU decode: skipped, {why_not}")
+    threads = min(8, os.cpu_count() or 1)
+    pool = ThreadPoolExecutor(threads) if threads > 1 else None
+
+    def cpu_decode() -> Any:
+        pixels = torch.from_numpy(handler.preprocess_cpu(rows, image, pool))
+        return handler.top_k(fn(pixels.to(device, non_blocking=False).to(dtype)).float().cpu().numpy(), 5)
+
+    modes.append(("jpeg, CPU decode", cpu_decode))
     return modes
 
 
@@ -794,6 +953,37 @@ def ratios(rows: list[dict[str, Any]], ceiling: list[dict[str, Any]]) -> dict[st
             ratio(ceil.get(("fp16 compiled", "compute only")), ceil.get(("fp32 eager", "compute only"))),
             None,
         )
+    ran = {r["model"] for r in rows}
+    if ran <= set(JPEG_MODELS):  # a JPEG-only run: the ratios above have nothing to compare
+        out.clear()
+    if JPEG in ran:
+        add("jpeg_gpu_images_per_s", f"{JPEG} (GPU decode) served images/s at c={hi}", ips[JPEG], JPEG_TARGET)
+        add(
+            "jpeg_over_ceiling",
+            f"{JPEG} served at c={hi} / in-process fp16 compiled with GPU JPEG decode",
+            ratio(ips[JPEG], ceil.get(("fp16 compiled", "jpeg, GPU decode"))),
+            None,
+        )
+        add(
+            "jpeg_over_compute",
+            f"{JPEG} served at c={hi} / in-process fp16 compiled compute only",
+            ratio(ips[JPEG], ceil.get(("fp16 compiled", "compute only"))),
+            None,
+        )
+    if JPEG_CPU in ran:
+        add(
+            "jpeg_cpu_over_ceiling",
+            f"{JPEG_CPU} served at c={hi} / in-process fp16 compiled with Pillow JPEG decode",
+            ratio(ips[JPEG_CPU], ceil.get(("fp16 compiled", "jpeg, CPU decode"))),
+            None,
+        )
+    if JPEG in ran and JPEG_CPU in ran:
+        add(
+            "jpeg_gpu_over_cpu_decode",
+            f"served images/s {JPEG} / {JPEG_CPU} at c={hi}",
+            ratio(ips[JPEG], ips[JPEG_CPU]),
+            None,
+        )
     return out
 
 
@@ -811,6 +1001,13 @@ def report_text(result: dict[str, Any]) -> str:
         "",
         format_table(result["summary"]),
     ]
+    jpeg = cfg.get("jpeg")
+    if jpeg:
+        lines.insert(
+            -2,
+            f"JPEG models: {jpeg['images']} distinct {jpeg['what']} {cfg['image']}x{cfg['image']} images, quality "
+            f"{jpeg['quality']}, {jpeg['mean_bytes'] / 1000:.1f} KB on average, one BYTES row per image",
+        )
     if result["ceiling"]:
         lines += ["", format_ceiling(result["ceiling"])]
     if result["load_seconds"]:
@@ -929,17 +1126,35 @@ def bench(args: argparse.Namespace, workdir: Path, say: Output) -> dict[str, Any
             say.progress(
                 f"server ready in {took:.1f} s (gRPC {server.grpc_url}, HTTP {server.http_url}, pid {server.proc.pid})"
             )
+            jpegs = jpeg_pool(args.image, seed=args.seed) if set(args.models) & set(JPEG_MODELS) else None
+            if jpegs is not None:
+                sizes = [len(row[0]) for row in jpegs]
+                result["config"]["jpeg"] = {
+                    "images": len(sizes),
+                    "quality": JPEG_QUALITY,
+                    "mean_bytes": sum(sizes) / len(sizes),
+                    "what": "synthetic photo-like (load_tests/synthetic_jpeg.py)",
+                }
             for model in args.models:
+                data = {"image": jpegs} if model in JPEG_MODELS and jpegs is not None else None
                 result["load_seconds"][model] = load_model(server, model, args.load_timeout, say)
                 for conc in args.concurrency:
-                    rep = measure(server, model, conc, args)
+                    rep = measure(server, model, conc, args, input_data=data)
                     rep["model_name"] = model
                     result["runs"].append(rep)
                     result["summary"].append(summary_row(model, conc, rep))
                     report_progress(say, rep)
+                for kind in [] if data is not None else args.shared_memory:  # tensors through shared memory
+                    for conc in args.concurrency:
+                        for batch in sorted({1, args.request_batch}):
+                            rep = measure(server, model, conc, args, request_batch=batch, shared_memory=kind)
+                            rep["model_name"] = f"{model}+{kind}_shm"
+                            result["runs"].append(rep)
+                            result["summary"].append(summary_row(rep["model_name"], conc, rep))
+                            report_progress(say, rep)
                 if args.request_batch > 1:
                     for conc in args.batched_concurrency:
-                        rep = measure(server, model, conc, args, request_batch=args.request_batch)
+                        rep = measure(server, model, conc, args, request_batch=args.request_batch, input_data=data)
                         rep["model_name"] = model
                         result["runs"].append(rep)
                         result["summary"].append(summary_row(model, conc, rep))
@@ -961,6 +1176,8 @@ def bench(args: argparse.Namespace, workdir: Path, say: Output) -> dict[str, Any
             "seconds": args.ceiling_seconds,
             "repeats": args.ceiling_repeats,
             "seed": args.seed,
+            "variants": ceiling_variants(args.models),
+            "jpeg": bool(set(args.models) & set(JPEG_MODELS)),
         }
         result["ceiling"] = run_ceiling(spec, workdir, say)
     return finish(complete=False)
@@ -971,6 +1188,14 @@ def _int_list(text: str) -> list[int]:
     if not values or values[0] < 1:
         raise argparse.ArgumentTypeError(f"want a comma list of positive integers, got {text!r}")
     return values
+
+
+def ceiling_variants(models: list[str] | tuple[str, ...]) -> list[str]:
+    """The in-process variants a run compares against: all three, or only fp16 compiled when every model
+    is a JPEG one (they run the fp16 compiled network; the eager ones would only cost minutes)."""
+    if models and all(m in JPEG_MODELS for m in models):
+        return ["fp16 compiled"]
+    return ["fp32 eager", "fp16 eager", "fp16 compiled"]
 
 
 def _models(text: str) -> list[str]:
@@ -988,7 +1213,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", choices=("gpu", "cpu"), default="gpu", help="KIND_GPU (default) or KIND_CPU")
     p.add_argument("--quick", action="store_true", help="small and short (64x64, max batch 4, conc 1,4, 3 s)")
-    p.add_argument("--models", type=_models, default=list(MODELS), help=f"comma list (default {','.join(MODELS)})")
+    p.add_argument(
+        "--models",
+        type=_models,
+        default=list(DEFAULT_MODELS),
+        help=f"comma list of {', '.join(MODELS)} (default {','.join(DEFAULT_MODELS)})",
+    )
     p.add_argument("--concurrency", type=_int_list, default=None, help="comma list (default 1,16,64; quick 1,4)")
     p.add_argument("--duration", type=float, default=None, help="measured seconds per point (default 10; quick 3)")
     p.add_argument("--warmup", type=float, default=None, help="warm-up seconds per point (default 3; quick 1)")
@@ -1017,6 +1247,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ceiling-seconds", type=float, default=None, help="seconds per timed repeat (default 0.5)")
     p.add_argument("--ceiling-repeats", type=int, default=None, help="timed repeats, median taken (default 5)")
     p.add_argument("--no-ceiling", dest="ceiling", action="store_false", help="skip the in-process ceiling")
+    p.add_argument(
+        "--shared-memory",
+        type=lambda text: [k for k in text.split(",") if k],
+        default=[],
+        help="also load each model through these shared-memory kinds (comma list of system, cuda), at each "
+        "concurrency with 1 and --request-batch images per request",
+    )
     p.add_argument("--ceiling-only", action="store_true", help="only the in-process ceiling (no server)")
     p.add_argument("--repo", type=Path, default=None, help="write the model repository here (default a temp dir)")
     p.add_argument("--load-timeout", type=float, default=900.0, help="seconds a model may take to load")

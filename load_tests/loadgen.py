@@ -38,6 +38,7 @@ import asyncio
 import collections
 import dataclasses
 import datetime as _dt
+import itertools
 import json
 import math
 import platform
@@ -85,6 +86,11 @@ class LoadConfig:
     connect_timeout: float = 10.0
     seed: int = 0
     use_uvloop: bool = True
+    # Rows to send for these inputs instead of random data (perf_analyzer's --input-data), first dimension
+    # = rows: request i carries rows [i*batch, (i+1)*batch), the requests cycling through them.
+    input_data: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    # gRPC only: tensors in "system" or "cuda" shared memory (perf_analyzer's --shared-memory); "": inline
+    shared_memory: str = ""
 
     def target(self) -> str:
         url = self.url or f"localhost:{DEFAULT_PORTS[self.protocol]}"
@@ -107,6 +113,11 @@ class Workload:
     inputs: list[TensorSpec]  # with concrete shapes
     arrays: list[np.ndarray]  # one per input (object arrays of bytes for BYTES)
     outputs: list[TensorSpec]  # expected shapes: -1 where any size is fine
+    # with cfg.input_data: the arrays of each distinct request, sent in turn (``arrays`` is the first)
+    variants: list[list[np.ndarray]] = dataclasses.field(default_factory=list)
+
+    def requests(self) -> list[list[np.ndarray]]:
+        return self.variants or [self.arrays]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,21 +174,51 @@ def build_workload(inputs: list[TensorSpec], outputs: list[TensorSpec], cfg: Loa
     unknown = set(cfg.shapes) - {t.name for t in inputs}
     if unknown:
         raise LoadgenError(f"--shape names unknown inputs {sorted(unknown)}; inputs: {[t.name for t in inputs]}")
+    unknown = set(cfg.input_data) - {t.name for t in inputs}
+    if unknown:
+        raise LoadgenError(f"input data names unknown inputs {sorted(unknown)}; inputs: {[t.name for t in inputs]}")
     rng = np.random.default_rng(cfg.seed)
     batched = any(t.shape and t.shape[0] < 0 for t in inputs) and not cfg.shapes
     sent: list[TensorSpec] = []
     arrays: list[np.ndarray] = []
     for t in inputs:
         shape = list(cfg.shapes.get(t.name) or concrete_shape(t.shape, cfg.batch))
+        if t.name in cfg.input_data:
+            shape = _input_data_shape(t, cfg.input_data[t.name], cfg.batch)
         sent.append(TensorSpec(t.name, t.datatype, shape))
-        arrays.append(random_array(t.datatype, shape, rng))
+        arrays.append(random_array(t.datatype, shape, rng) if t.name not in cfg.input_data else np.empty(0))
+    variants: list[list[np.ndarray]] = []
+    if cfg.input_data:
+        count = min(len(rows) for rows in cfg.input_data.values()) // cfg.batch
+        for i in range(count):
+            lo, hi = i * cfg.batch, (i + 1) * cfg.batch
+            variants.append(
+                [
+                    cfg.input_data[t.name][lo:hi] if t.name in cfg.input_data else a
+                    for t, a in zip(inputs, arrays, strict=True)
+                ]
+            )
+        arrays = variants[0]
     expected: list[TensorSpec] = []
     for t in outputs:
         shape = [-1] * len(t.shape) if cfg.shapes else list(t.shape)
         if batched and shape and shape[0] < 0:
             shape[0] = cfg.batch
         expected.append(TensorSpec(t.name, t.datatype, shape))
-    return Workload(sent, arrays, expected)
+    return Workload(sent, arrays, expected, variants)
+
+
+def _input_data_shape(t: TensorSpec, rows: np.ndarray, batch: int) -> list[int]:
+    """The shape of ``batch`` rows of ``rows`` for input ``t``; LoadgenError when they do not fit it."""
+    if not t.shape or t.shape[0] >= 0:
+        raise LoadgenError(f"input data for '{t.name}' needs a batching model (metadata shape {t.shape})")
+    if len(rows) < batch:
+        raise LoadgenError(f"input data for '{t.name}' has {len(rows)} rows, fewer than the batch of {batch}")
+    dims = list(rows.shape[1:])
+    want = t.shape[1:]
+    if len(dims) != len(want) or any(w >= 0 and w != d for w, d in zip(want, dims, strict=True)):
+        raise LoadgenError(f"input data for '{t.name}': rows of shape {dims}, the model takes {want} (-1 = any)")
+    return [batch, *dims]
 
 
 def check_output(
@@ -283,13 +324,16 @@ async def grpc_setup(cfg: LoadConfig, note: Callable[[str, str], None]) -> tuple
         await channel.close()
         raise LoadgenError(f"ModelMetadata('{cfg.model}') on {target}: {exc.code().name} {exc.details()}") from None
     work = build_workload(inputs, outputs, cfg)
-    body = grpc_request_bytes(cfg, work)
+    if cfg.shared_memory:
+        return await _shared_memory_setup(cfg, channel, work, note)
+    bodies = [grpc_request_bytes(cfg, dataclasses.replace(work, arrays=a)) for a in work.requests()]
+    turn = itertools.cycle(bodies)
     infer = channel.unary_unary(MODEL_INFER_PATH)  # no serializers: bytes in, bytes out
     timeout = cfg.request_timeout
 
     async def send(verify: bool) -> str | None:
         try:
-            data = await infer(body, timeout=timeout)
+            data = await infer(next(turn), timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             key = exc.code().name
             note(key, exc.details() or "")
@@ -302,6 +346,56 @@ async def grpc_setup(cfg: LoadConfig, note: Callable[[str, str], None]) -> tuple
         return None
 
     return send, work, channel.close
+
+
+async def _shared_memory_setup(
+    cfg: LoadConfig, channel: Any, work: Workload, note: Callable[[str, str], None]
+) -> tuple[SendFn, Workload, Any]:
+    """One input and one output region per concurrent request (load_tests/shm_client.py)."""
+    import grpc
+
+    from load_tests.shm_client import SharedMemorySlots, fixed_nbytes
+
+    try:
+        outputs = [(s.name, fixed_nbytes(s.datatype, s.shape)) for s in work.outputs]
+    except ValueError as exc:
+        await channel.close()
+        raise LoadgenError(f"--shared-memory: {exc}") from None
+    inputs = [
+        (s.name, s.datatype, s.shape, raw_bytes(s.datatype, a)) for s, a in zip(work.inputs, work.arrays, strict=True)
+    ]
+    slots = SharedMemorySlots(channel, cfg.shared_memory)
+    try:
+        await slots.add(cfg.concurrency, cfg.model, cfg.model_version, inputs, outputs)
+    except grpc.aio.AioRpcError as exc:
+        await slots.close()
+        await channel.close()
+        raise LoadgenError(f"registering shared memory: {exc.code().name} {exc.details()}") from None
+    infer = channel.unary_unary(MODEL_INFER_PATH)
+    pb = _pb()
+
+    async def send(verify: bool) -> str | None:
+        slot = await slots.free.get()
+        try:
+            data = await infer(slot.request, timeout=cfg.request_timeout)
+        except grpc.aio.AioRpcError as exc:
+            note(exc.code().name, exc.details() or "")
+            return exc.code().name
+        finally:
+            slots.free.put_nowait(slot)
+        if verify:
+            response = pb.ModelInferResponse.FromString(data)
+            got = [t.name for t in response.outputs]
+            if sorted(got) != sorted(name for name, _ in outputs) or any(response.raw_output_contents):
+                note("BAD_RESPONSE", f"outputs {got}, raw bytes {[len(r) for r in response.raw_output_contents]}")
+                return "BAD_RESPONSE"
+        return None
+
+    async def close() -> None:
+        await slots.close()
+        await channel.close()
+
+    return send, work, close
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,10 +483,11 @@ async def http_setup(cfg: LoadConfig, note: Callable[[str, str], None]) -> tuple
         return [TensorSpec(t["name"], t["datatype"], [int(d) for d in t["shape"]]) for t in meta.get(key, [])]
 
     work = build_workload(specs("inputs"), specs("outputs"), cfg)
-    body, headers = http_request(cfg, work)
+    turn = itertools.cycle([http_request(cfg, dataclasses.replace(work, arrays=a)) for a in work.requests()])
     infer_url = f"{model_path}/infer"
 
     async def send(verify: bool) -> str | None:
+        body, headers = next(turn)
         try:
             async with session.post(infer_url, data=body, headers=headers) as resp:
                 payload = await resp.read()
@@ -492,7 +587,9 @@ def summarize(state: _State, cfg: LoadConfig, work: Workload, loop_name: str, me
     n_err = int(sum(state.errors.values()))
     rps = n_ok / measured if measured > 0 else 0.0
     return {
-        "protocol": cfg.protocol + ("+binary" if cfg.protocol == "http" and cfg.http_binary else ""),
+        "protocol": cfg.protocol
+        + ("+binary" if cfg.protocol == "http" and cfg.http_binary else "")
+        + (f"+{cfg.shared_memory}_shm" if cfg.shared_memory else ""),
         "url": cfg.target(),
         "model": cfg.model,
         "model_version": cfg.model_version,
@@ -619,6 +716,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--connect-timeout", type=float, default=10.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-uvloop", action="store_true", help="use asyncio's default loop")
+    p.add_argument(
+        "--shared-memory",
+        choices=("system", "cuda"),
+        default=None,
+        help="gRPC: send tensors through system or CUDA shared memory (one region pair per concurrent request)",
+    )
     p.add_argument("--json", type=Path, default=None, help="write the report here")
     return p
 
@@ -641,6 +744,7 @@ def main(argv: list[str] | None = None) -> int:
         connect_timeout=args.connect_timeout,
         seed=args.seed,
         use_uvloop=not args.no_uvloop,
+        shared_memory=args.shared_memory or "",
     )
     try:
         report = run(cfg)

@@ -15,7 +15,9 @@ The config must list inputs and outputs: PyTorch files do not name their tensors
 called with the inputs positionally, in config order; a tensor result is the single output, a
 tuple/list maps to the outputs in config order, a dict by name. (Without inputs/outputs in the
 config — a model behind a ``handler.py`` — inputs are passed in the order the handler gives them and
-outputs are named ``output__0``, ``output__1``, ... or by the dict's keys.)
+outputs are named ``output__0``, ``output__1``, ... or by the dict's keys.) A handler's ``preprocess``
+may give ``torch.Tensor`` s instead of numpy arrays: one already on the instance's device is used
+in place (cast there to the precision), so GPU-side preprocessing costs no host round trip.
 
 Config parameters: ``precision`` fp32|fp16|bf16 (module and float inputs cast; outputs cast back to
 the config datatype); ``compile`` off|default|reduce-overhead|max-autotune (``torch.compile`` mode;
@@ -311,7 +313,14 @@ class PyTorchBackend(Backend):
             log.info("model '%s': compiled for batch size %d in %.1f s", self.model_name, size, time.monotonic() - t0)
 
     # -- inference ------------------------------------------------------------------------------
-    def _to_tensor(self, name: str, arr: np.ndarray, want: torch.dtype | None) -> torch.Tensor:
+    def _to_tensor(self, name: str, arr: np.ndarray | torch.Tensor, want: torch.dtype | None) -> torch.Tensor:
+        if isinstance(arr, torch.Tensor):
+            # From a handler's preprocess (e.g. images decoded on the GPU): moved only if it is elsewhere,
+            # cast where it lies.
+            dtype = want if want is not None else arr.dtype
+            if dtype.is_floating_point and self.format != "aoti":
+                dtype = self.dtype
+            return arr.to(self.device, non_blocking=True).to(dtype)
         t = torch.from_numpy(np.ascontiguousarray(arr)) if arr.dtype != object else None
         if t is None:
             raise InvalidArgument(f"model '{self.model_name}': PyTorch models cannot take BYTES tensors")

@@ -8,7 +8,9 @@ first) or in its model directory (``<model>/handler.py``, shared by all versions
     (model name, version, directories, both configs, device). Read labels, tokenizers... here.
 ``preprocess(inputs, parameters) -> dict``
     ``inputs`` holds the request's tensors as the client sent them (the config's ``input`` section),
-    batched (first dimension = rows of every request in the batch); returns the backend's inputs.
+    batched (first dimension = rows of every request in the batch); returns the backend's inputs:
+    numpy arrays, or for the PyTorch backend also ``torch.Tensor`` s, passed through untouched (a
+    tensor already on the instance's GPU stays there: no host copy).
 ``infer(model, inputs) -> dict``
     replaces the plain backend call; ``model(inputs)`` runs the backend (see :class:`ModelCall`).
 ``postprocess(outputs, parameters) -> dict``
@@ -155,6 +157,12 @@ def _user_error(stage: str, model: str, exc: BaseException) -> ServerError:
     return InternalError(message)
 
 
+def _is_torch_tensor(value: Any) -> bool:
+    """A torch.Tensor, without importing torch (a handler that returns one has imported it)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
 def _as_dict(value: Any, stage: str, model: str) -> dict[str, np.ndarray]:
     if not isinstance(value, Mapping):
         raise InternalError(
@@ -162,6 +170,11 @@ def _as_dict(value: Any, stage: str, model: str) -> dict[str, np.ndarray]:
         )
     out: dict[str, np.ndarray] = {}
     for key, arr in value.items():
+        if stage == "preprocess" and _is_torch_tensor(arr):
+            # Handed to the backend as is: the PyTorch backend takes tensors, so pixels decoded on the
+            # GPU reach the model without a round trip through host memory.
+            out[str(key)] = arr
+            continue
         if not isinstance(arr, np.ndarray):
             try:
                 arr = np.asarray(arr)

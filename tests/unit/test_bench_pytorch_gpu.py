@@ -67,7 +67,7 @@ def test_repository_configs_load(tmp_path: Path, device: str) -> None:
     )
     models, errors = scan_repository(tmp_path)
     assert errors == {}
-    assert sorted(models) == sorted(bench.MODELS)
+    assert sorted(models) == sorted(bench.DEFAULT_MODELS)  # the JPEG pair only when asked for
     for name, source in models.items():
         cfg = source.config
         assert cfg.backend == "pytorch" and cfg.max_batch_size == 8
@@ -165,3 +165,105 @@ def test_uint8_variant_scales_pixels_on_the_device() -> None:
         got = u8(torch.from_numpy(pixels))
         want = plain(torch.from_numpy(pixels.astype(np.float32) / 255.0))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_jpeg_repository(tmp_path: Path) -> None:
+    """resnet50_jpeg / _cpu: the example handler, client tensors in the config, a warm-up per batch size."""
+    from dl_inference.worker.warmup import build_warmup_inputs
+
+    bench.write_repository(tmp_path, list(bench.JPEG_MODELS), image=64, max_batch_size=8, compile_batch_sizes="1,4,8")
+    models, errors = scan_repository(tmp_path)
+    assert errors == {} and sorted(models) == sorted(bench.JPEG_MODELS)
+    for name, source in models.items():
+        cfg = source.config
+        assert [(t.name, t.data_type, list(t.dims)) for t in cfg.input] == [("image", DataType.TYPE_STRING, [1])]
+        assert [(t.name, t.data_type, list(t.dims)) for t in cfg.output] == [
+            ("labels", DataType.TYPE_STRING, [-1]),
+            ("indices", DataType.TYPE_INT64, [-1]),
+            ("scores", DataType.TYPE_FP32, [-1]),
+        ]
+        assert get_parameter(cfg, "decode") == ("gpu" if name == bench.JPEG else "cpu")
+        assert get_parameter(cfg, "image_size") == "64" and get_parameter(cfg, "compile") == "reduce-overhead"
+        assert (tmp_path / name / "handler.py").read_text() == bench.JPEG_HANDLER.read_text()
+        assert [(w.batch_size, w.count) for w in cfg.model_warmup] == [(1, 3), (4, 3), (8, 3)]
+        sample = build_warmup_inputs(cfg, cfg.model_warmup[1], tmp_path / name)["image"]
+        assert sample.shape == (4, 1) and all(bytes(b).startswith(b"\xff\xd8\xff") for b in sample.reshape(-1))
+    cpu = tmp_path / "cpu"
+    bench.write_repository(cpu, [bench.JPEG], image=64, max_batch_size=4, device="cpu", compile_mode="off")
+    (cfg_cpu,) = [s.config for s in scan_repository(cpu)[0].values()]
+    assert get_parameter(cfg_cpu, "decode") == "cpu"  # no GPU: Pillow
+    assert [(w.batch_size, w.count) for w in cfg_cpu.model_warmup] == [(1, 1)]
+
+
+def test_jpeg_pool_and_synthetic_images() -> None:
+    from PIL import Image
+
+    from load_tests.synthetic_jpeg import synthetic_jpegs
+
+    pool = bench.jpeg_pool(64, count=5, seed=3)
+    assert pool.shape == (5, 1) and pool.dtype == object
+    assert len({bytes(b) for b in pool.reshape(-1)}) == 5  # distinct images
+    assert [bytes(b) for b in pool.reshape(-1)] == synthetic_jpegs(5, 64, 90, seed=3)  # seeded
+    big = synthetic_jpegs(4, 224, seed=0)
+    assert all(10_000 < len(b) < 30_000 for b in big)  # photo-sized at 224x224 quality 90, not flat colour
+    import io
+
+    with Image.open(io.BytesIO(big[0])) as im:
+        assert (im.format, im.size, im.mode) == ("JPEG", (224, 224), "RGB")
+
+
+def test_jpeg_ratios_and_ceiling_variants() -> None:
+    assert bench.ceiling_variants([bench.JPEG, bench.JPEG_CPU]) == ["fp16 compiled"]
+    assert bench.ceiling_variants([bench.JPEG, bench.FP32]) == ["fp32 eager", "fp16 eager", "fp16 compiled"]
+    rows = [
+        {"model": bench.JPEG, "concurrency": 64, "images_per_s": 6000.0},
+        {"model": bench.JPEG_CPU, "concurrency": 64, "images_per_s": 1500.0},
+        {"model": bench.JPEG, "concurrency": 1, "images_per_s": 300.0},
+    ]
+    ceiling = [
+        {"variant": "fp16 compiled", "mode": "compute only", "images_per_s": 12000.0},
+        {"variant": "fp16 compiled", "mode": "jpeg, GPU decode", "images_per_s": 8000.0},
+        {"variant": "fp16 compiled", "mode": "jpeg, CPU decode", "images_per_s": 2000.0},
+    ]
+    r = bench.ratios(rows, ceiling)
+    assert set(r) == {
+        "jpeg_gpu_images_per_s",
+        "jpeg_over_ceiling",
+        "jpeg_over_compute",
+        "jpeg_cpu_over_ceiling",
+        "jpeg_gpu_over_cpu_decode",
+    }  # a JPEG-only run: no ratios of models it did not serve
+    assert r["jpeg_gpu_images_per_s"]["value"] == 6000.0 and r["jpeg_gpu_images_per_s"]["met"]
+    assert r["jpeg_over_ceiling"]["value"] == pytest.approx(0.75)
+    assert r["jpeg_over_compute"]["value"] == pytest.approx(0.5)
+    assert r["jpeg_cpu_over_ceiling"]["value"] == pytest.approx(0.75)
+    assert r["jpeg_gpu_over_cpu_decode"]["value"] == pytest.approx(4.0)
+    slow = bench.ratios([{"model": bench.JPEG, "concurrency": 64, "images_per_s": 4000.0}], [])
+    assert not slow["jpeg_gpu_images_per_s"]["met"] and slow["jpeg_over_ceiling"]["value"] is None
+    mixed = bench.ratios([*rows, {"model": bench.FP32, "concurrency": 64, "images_per_s": 1000.0}], ceiling)
+    assert "fp16_compiled_over_fp32" in mixed and "jpeg_gpu_images_per_s" in mixed
+    args = bench.build_parser().parse_args(["--models", "resnet50_jpeg_cpu,resnet50_jpeg"])
+    assert args.models == [bench.JPEG, bench.JPEG_CPU]
+    assert bench.build_parser().parse_args([]).models == list(bench.DEFAULT_MODELS)
+
+
+def test_loadgen_input_data_cycles_through_given_rows() -> None:
+    from load_tests.loadgen import LoadConfig, LoadgenError, TensorSpec, build_workload
+
+    rows = np.array([[b"a"], [b"bb"], [b"ccc"], [b"dddd"], [b"eeeee"]], dtype=object)
+    spec_in = [TensorSpec("image", "BYTES", [-1, 1]), TensorSpec("k", "INT32", [-1, 2])]
+    spec_out = [TensorSpec("labels", "BYTES", [-1, -1])]
+    work = build_workload(spec_in, spec_out, LoadConfig(batch=2, input_data={"image": rows}))
+    assert [t.shape for t in work.inputs] == [[2, 1], [2, 2]] and work.outputs[0].shape == [2, -1]
+    assert len(work.requests()) == 2  # 5 rows, 2 a request: the fifth is never sent
+    assert [a[0].reshape(-1).tolist() for a in work.requests()] == [[b"a", b"bb"], [b"ccc", b"dddd"]]
+    assert all(a[1] is work.requests()[0][1] for a in work.requests())  # the random input: one array
+    assert work.arrays is work.requests()[0]
+    with pytest.raises(LoadgenError, match="has 5 rows, fewer than the batch of 8"):
+        build_workload(spec_in, spec_out, LoadConfig(batch=8, input_data={"image": rows}))
+    with pytest.raises(LoadgenError, match=r"rows of shape \[1\], the model takes \[2\]"):
+        build_workload(spec_in, spec_out, LoadConfig(input_data={"k": rows}))
+    with pytest.raises(LoadgenError, match="names unknown inputs"):
+        build_workload(spec_in, spec_out, LoadConfig(input_data={"pixels": rows}))
+    plain = build_workload(spec_in, spec_out, LoadConfig(batch=3))
+    assert plain.requests() == [plain.arrays] and plain.inputs[0].shape == [3, 1]

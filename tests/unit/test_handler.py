@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -287,6 +288,55 @@ def test_pytorch_backend_behind_a_handler(tmp_path: Path) -> None:
         (out,) = _run(model, _request([b"1.5", b"-2"], name="t"))
         assert isinstance(out, dict)
         np.testing.assert_array_equal(out["total"], [[4.5], [-6.0]])
+    finally:
+        model.runner.close()
+
+
+def test_preprocess_may_hand_torch_tensors_to_the_pytorch_backend(tmp_path: Path) -> None:
+    """A tensor from preprocess reaches the module as is (no numpy round trip): how GPU-decoded images
+    feed the model. The module sees the very tensor the handler made, cast to the precision."""
+    torch = pytest.importorskip("torch")
+    model_dir = tmp_path / "t"
+    (model_dir / "1").mkdir(parents=True)
+    (model_dir / "1" / "model.py").write_text(
+        "import torch\n\nSEEN = []\n\nclass Model(torch.nn.Module):\n"
+        "    def forward(self, x):\n        SEEN.append(x)\n        return x * 2\n"
+    )
+    torch.save({}, model_dir / "1" / "model.pt")
+    (model_dir / "config.pbtxt").write_text(
+        'name: "t"\nbackend: "pytorch"\nmax_batch_size: 4\n'
+        'input { name: "n" data_type: TYPE_INT32 dims: [1] }\n'
+        'output { name: "y" data_type: TYPE_FP32 dims: [2] }\n'
+    )
+    (model_dir / "handler.py").write_text(
+        textwrap.dedent(
+            """
+            import torch
+
+            MADE = []
+
+            def preprocess(inputs, parameters):
+                x = torch.from_numpy(inputs["n"].astype("float32")).repeat(1, 2)
+                MADE.append(x)
+                return {"x": x}
+
+            def postprocess(outputs, parameters):
+                return {"y": outputs["output__0"]}
+            """
+        )
+    )
+    model = load_model_version(tmp_path, "t", None)
+    try:
+        request = pb.ModelInferRequest(model_name="t")
+        request.inputs.add(name="n", datatype="INT32", shape=[2, 1])
+        request.raw_input_contents.append(np.array([[3], [5]], np.int32).tobytes())
+        (out,) = _run(model, request.SerializeToString())
+        assert isinstance(out, dict)
+        np.testing.assert_array_equal(out["y"], [[6.0, 6.0], [10.0, 10.0]])
+        handler = model.runner.handler
+        assert handler is not None
+        net_module = sys.modules[next(k for k in sys.modules if k.startswith("dl_inference_model_t_"))]
+        assert net_module.SEEN[-1] is handler.module.MADE[-1]  # same device, same dtype: not even a copy
     finally:
         model.runner.close()
 

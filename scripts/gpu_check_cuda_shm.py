@@ -1,0 +1,188 @@
+"""CUDA shared memory end to end on a GPU machine: a real server, a real client process, real IPC handles.
+
+Run from the repository root on the GPU machine (cuda-python, grpcio, onnxruntime there)::
+
+    python3 scripts/gpu_check_cuda_shm.py
+
+It writes the example models, starts ``dl-inference serve`` on free ports, and as a client (this
+process) allocates device memory with ``cudaMalloc``, exports it with ``cudaIpcGetMemHandle`` and
+registers it (``CudaSharedMemoryRegister``); then ``add_sub`` runs with both inputs and both outputs
+in CUDA regions (the worker, another process, opens the handles), and the outputs are copied back and
+compared with numpy. Also checked: status, a too-small output region, a bad handle, unregister.
+Prints one line per check and ``ALL OK`` / ``FAILED``; exit status 0 only when every check passed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from load_tests.shm_client import SERVICE, _CudaRegion
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _read(region: _CudaRegion, offset: int, nbytes: int) -> np.ndarray:
+    out = np.empty(nbytes, np.uint8)
+    kind = region.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
+    region._check(region.rt.cudaMemcpy(out.ctypes.data, region.ptr + offset, nbytes, kind))
+    return out
+
+
+async def checks(grpc_port: int) -> list[tuple[str, bool, str]]:
+    import grpc
+
+    from dl_inference.protocol.generated import grpc_service_pb2 as pb
+
+    results: list[tuple[str, bool, str]] = []
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}")
+
+    def rpc(name: str, resp: Any) -> Any:
+        return channel.unary_unary(
+            SERVICE + name, request_serializer=lambda m: m.SerializeToString(), response_deserializer=resp.FromString
+        )
+
+    register = rpc("CudaSharedMemoryRegister", pb.CudaSharedMemoryRegisterResponse)
+    status = rpc("CudaSharedMemoryStatus", pb.CudaSharedMemoryStatusResponse)
+    unregister = rpc("CudaSharedMemoryUnregister", pb.CudaSharedMemoryUnregisterResponse)
+    infer = rpc("ModelInfer", pb.ModelInferResponse)
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((4, 16)).astype(np.float32)
+    b = rng.standard_normal((4, 16)).astype(np.float32)
+    inp, out = _CudaRegion(a.nbytes * 2), _CudaRegion(a.nbytes * 2)
+    inp.write(0, a.tobytes())
+    inp.write(a.nbytes, b.tobytes())
+    await register(
+        pb.CudaSharedMemoryRegisterRequest(name="in", raw_handle=inp.handle, device_id=0, byte_size=a.nbytes * 2)
+    )
+    await register(
+        pb.CudaSharedMemoryRegisterRequest(name="out", raw_handle=out.handle, device_id=0, byte_size=a.nbytes * 2)
+    )
+    st = await status(pb.CudaSharedMemoryStatusRequest())
+    ok = sorted(st.regions) == ["in", "out"] and st.regions["in"].byte_size == a.nbytes * 2
+    results.append(("status lists both regions", ok, str(dict(st.regions))))
+
+    def request(out_size: int) -> Any:
+        req = pb.ModelInferRequest(model_name="add_sub")
+        for i, name in enumerate(("INPUT0", "INPUT1")):
+            t = req.inputs.add(name=name, datatype="FP32", shape=[4, 16])
+            t.parameters["shared_memory_region"].string_param = "in"
+            t.parameters["shared_memory_byte_size"].int64_param = a.nbytes
+            t.parameters["shared_memory_offset"].int64_param = i * a.nbytes
+        for i, name in enumerate(("OUTPUT0", "OUTPUT1")):
+            o = req.outputs.add(name=name)
+            o.parameters["shared_memory_region"].string_param = "out"
+            o.parameters["shared_memory_byte_size"].int64_param = out_size
+            o.parameters["shared_memory_offset"].int64_param = i * a.nbytes
+        return req
+
+    t0 = time.perf_counter()
+    reply = await infer(request(a.nbytes))
+    took = (time.perf_counter() - t0) * 1e3
+    got0 = _read(out, 0, a.nbytes).view(np.float32).reshape(4, 16)
+    got1 = _read(out, a.nbytes, a.nbytes).view(np.float32).reshape(4, 16)
+    ok = np.allclose(got0, a + b, rtol=1e-6) and np.allclose(got1, a - b, rtol=1e-6)
+    results.append(
+        ("inputs and outputs in CUDA regions: OUTPUT0 = a+b, OUTPUT1 = a-b", ok, f"first call {took:.1f} ms")
+    )
+    shapes = [list(t.shape) for t in reply.outputs]
+    empty = [len(r) for r in reply.raw_output_contents]
+    results.append(
+        ("response carries shapes, no bytes", shapes == [[4, 16], [4, 16]] and empty == [0, 0], f"{shapes} {empty}")
+    )
+    t0 = time.perf_counter()
+    for _ in range(200):
+        await infer(request(a.nbytes))
+    results.append(("200 more requests", True, f"{(time.perf_counter() - t0) / 200 * 1e3:.2f} ms each, sequential"))
+
+    for what, call, fragment in (
+        ("too-small output region refused", infer(request(8)), "too small"),
+        (
+            "bad IPC handle refused at first use",
+            _bad_handle(register, infer, pb, a.nbytes),
+            "cannot be opened",
+        ),
+    ):
+        try:
+            await call
+            results.append((what, False, "no error"))
+        except grpc.aio.AioRpcError as exc:
+            results.append((what, fragment in (exc.details() or ""), f"{exc.code().name}: {exc.details()}"))
+    await unregister(pb.CudaSharedMemoryUnregisterRequest(name=""))
+    st = await status(pb.CudaSharedMemoryStatusRequest())
+    results.append(("unregister all", len(st.regions) == 0, str(dict(st.regions))))
+    inp.close()
+    out.close()
+    await channel.close()
+    return results
+
+
+async def _bad_handle(register: Any, infer: Any, pb: Any, nbytes: int) -> None:
+    await register(pb.CudaSharedMemoryRegisterRequest(name="bad", raw_handle=bytes(64), device_id=0, byte_size=nbytes))
+    req = pb.ModelInferRequest(model_name="add_sub")
+    for name in ("INPUT0", "INPUT1"):
+        t = req.inputs.add(name=name, datatype="FP32", shape=[1, 16])
+        t.parameters["shared_memory_region"].string_param = "bad"
+        t.parameters["shared_memory_byte_size"].int64_param = 64
+    await infer(req)
+
+
+def main() -> int:
+    from dl_inference.examples import make_example_repository
+
+    work = Path(tempfile.mkdtemp(prefix="gpu_check_cuda_shm_"))
+    make_example_repository(work / "repo")
+    http_port, grpc_port, metrics_port = _port(), _port(), _port()
+    log = open(work / "server.log", "wb")
+    cmd = [
+        sys.executable, "-m", "dl_inference", "serve", "--model-repository", str(work / "repo"),
+        "--model-control-mode", "explicit", "--load-model", "add_sub", "--host", "127.0.0.1",
+        "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
+    ]  # fmt: skip
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/health/ready", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                print((work / "server.log").read_text()[-3000:])
+                print("FAILED: the server did not become ready")
+                return 1
+            time.sleep(0.3)
+        results = asyncio.run(checks(grpc_port))
+    finally:
+        server.terminate()
+        server.wait(30)
+        log.close()
+    for what, ok, detail in results:
+        print(f"{'ok  ' if ok else 'FAIL'} {what}: {detail}")
+    failed = [r for r in results if not r[1]]
+    print("ALL OK" if not failed else f"FAILED: {len(failed)} of {len(results)}")
+    if failed:
+        print((work / "server.log").read_text()[-3000:])
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
