@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import ssl
 import subprocess
@@ -91,6 +92,27 @@ def test_http_needs_a_token(token_server: RunningServer) -> None:
         client.infer("simple", [_simple_input(httpclient)])
     out = client.infer("simple", [_simple_input(httpclient)], headers={"Authorization": f"Bearer {INFER}"})
     assert out.as_numpy("y").shape == (1, 4)
+
+
+def test_shared_memory_registration_needs_the_inference_token(token_server: RunningServer) -> None:
+    key = f"dlinf_sec_{os.getpid()}"
+    Path("/dev/shm", key).write_bytes(bytes(64))
+    try:
+        client = grpcclient.InferenceServerClient(token_server.grpc_url)
+        with pytest.raises(InferenceServerException, match="authentication required"):
+            client.register_system_shared_memory("r", "/" + key, 64)
+        with pytest.raises(InferenceServerException, match="authentication required"):
+            client.get_system_shared_memory_status()
+        base = f"http://{token_server.http_url}"
+        assert _http(f"{base}/v2/systemsharedmemory/status") == 401
+        assert _http(f"{base}/v2/cudasharedmemory/unregister", "POST") == 401
+        auth = {"authorization": f"Bearer {INFER}"}
+        client.register_system_shared_memory("r", "/" + key, 64, headers=auth)
+        assert "r" in client.get_system_shared_memory_status(headers=auth).regions
+        assert _http(f"{base}/v2/systemsharedmemory/status", token=INFER) == 200
+        client.unregister_system_shared_memory("r", headers=auth)
+    finally:
+        Path("/dev/shm", key).unlink()
 
 
 def test_model_control_only_on_its_port_and_only_for_admins(token_server: RunningServer) -> None:
