@@ -6,9 +6,11 @@ Run from the repository root on the GPU machine (cuda-python, grpcio, onnxruntim
 
 It writes the example models, starts ``dl-inference serve`` on free ports, and as a client (this
 process) allocates device memory with ``cudaMalloc``, exports it with ``cudaIpcGetMemHandle`` and
-registers it (``CudaSharedMemoryRegister``); then ``add_sub`` runs with both inputs and both outputs
-in CUDA regions (the worker, another process, opens the handles), and the outputs are copied back and
-compared with numpy. Also checked: status, a too-small output region, a bad handle, unregister.
+registers it (``CudaSharedMemoryRegister``); then ``add_sub`` (ONNX Runtime on the CPU: host copies)
+runs with both inputs and both outputs in CUDA regions (the worker, another process, opens the
+handles), and ``twice`` (PyTorch on the GPU: inputs read in place) with 48 concurrent requests, CUDA
+and inline inputs batched together; outputs are copied back and compared with numpy.
+Also checked: status, a too-small output region, a bad handle, unregister.
 Prints one line per check and ``ALL OK`` / ``FAILED``; exit status 0 only when every check passed.
 """
 
@@ -124,6 +126,7 @@ async def checks(grpc_port: int) -> list[tuple[str, bool, str]]:
             results.append((what, False, "no error"))
         except grpc.aio.AioRpcError as exc:
             results.append((what, fragment in (exc.details() or ""), f"{exc.code().name}: {exc.details()}"))
+    results += await _torch_on_gpu(register, infer, pb)
     await unregister(pb.CudaSharedMemoryUnregisterRequest(name=""))
     st = await status(pb.CudaSharedMemoryStatusRequest())
     results.append(("unregister all", len(st.regions) == 0, str(dict(st.regions))))
@@ -131,6 +134,101 @@ async def checks(grpc_port: int) -> list[tuple[str, bool, str]]:
     out.close()
     await channel.close()
     return results
+
+
+async def _torch_on_gpu(register: Any, infer: Any, pb: Any) -> list[tuple[str, bool, str]]:
+    """`twice` (PyTorch on the GPU, y = 2x + 1): CUDA inputs reach the model in place, alone and batched
+    with other requests, some of them inline."""
+    results: list[tuple[str, bool, str]] = []
+    rng = np.random.default_rng(1)
+    jobs = []
+    for i in range(48):
+        rows = 1 + i % 4
+        x = rng.standard_normal((rows, 16)).astype(np.float32)
+        inline = i % 3 == 0
+        out = _CudaRegion(x.nbytes)
+        await register(
+            pb.CudaSharedMemoryRegisterRequest(name=f"t_out{i}", raw_handle=out.handle, device_id=0, byte_size=x.nbytes)
+        )
+        req = pb.ModelInferRequest(model_name="twice")
+        t = req.inputs.add(name="x", datatype="FP32", shape=[rows, 16])
+        keep = [out]
+        if inline:
+            req.raw_input_contents.append(x.tobytes())
+        else:
+            inp = _CudaRegion(x.nbytes)
+            inp.write(0, x.tobytes())
+            await register(
+                pb.CudaSharedMemoryRegisterRequest(
+                    name=f"t_in{i}", raw_handle=inp.handle, device_id=0, byte_size=x.nbytes
+                )
+            )
+            t.parameters["shared_memory_region"].string_param = f"t_in{i}"
+            t.parameters["shared_memory_byte_size"].int64_param = x.nbytes
+            keep.append(inp)
+        o = req.outputs.add(name="y")
+        o.parameters["shared_memory_region"].string_param = f"t_out{i}"
+        o.parameters["shared_memory_byte_size"].int64_param = x.nbytes
+        jobs.append((req, x, out, keep))
+    t0 = time.perf_counter()
+    for _ in range(3):
+        await asyncio.gather(*(infer(req) for req, *_ in jobs))
+    took = (time.perf_counter() - t0) / (3 * len(jobs)) * 1e3
+    bad = 0
+    for _, x, out, _ in jobs:
+        got = _read(out, 0, x.nbytes).view(np.float32).reshape(x.shape)
+        bad += not np.allclose(got, 2 * x + 1, rtol=1e-6)
+    results.append(
+        (
+            "PyTorch on the GPU: 48 concurrent requests, CUDA and inline inputs batched",
+            bad == 0,
+            f"{bad} wrong, {took:.2f} ms/request",
+        )
+    )
+    for _, _, _, keep in jobs:
+        for region in keep:
+            region.close()
+    return results
+
+
+TWICE_MODEL = """
+import torch
+from torch import nn
+
+
+class Twice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale + 1
+
+
+def create_model() -> nn.Module:
+    return Twice()
+"""
+
+TWICE_CONFIG = """
+name: "twice"
+backend: "pytorch"
+max_batch_size: 64
+dynamic_batching { max_queue_delay_microseconds: 3000 }
+instance_group [{ kind: KIND_GPU count: 1 }]
+input [{ name: "x" data_type: TYPE_FP32 dims: [16] }]
+output [{ name: "y" data_type: TYPE_FP32 dims: [16] }]
+"""
+
+
+def write_twice(repo: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    version = repo / "twice" / "1"
+    version.mkdir(parents=True)
+    (repo / "twice" / "config.pbtxt").write_text(TWICE_CONFIG)
+    (version / "model.py").write_text(TWICE_MODEL)
+    save_file({"scale": torch.tensor(2.0)}, str(version / "model.safetensors"))
 
 
 async def _bad_handle(register: Any, infer: Any, pb: Any, nbytes: int) -> None:
@@ -148,11 +246,13 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="gpu_check_cuda_shm_"))
     make_example_repository(work / "repo")
+    write_twice(work / "repo")
     http_port, grpc_port, metrics_port = _port(), _port(), _port()
     log = open(work / "server.log", "wb")
     cmd = [
         sys.executable, "-m", "dl_inference", "serve", "--model-repository", str(work / "repo"),
-        "--model-control-mode", "explicit", "--load-model", "add_sub", "--host", "127.0.0.1",
+        "--model-control-mode", "explicit", "--load-model", "add_sub", "--load-model", "twice",
+        "--host", "127.0.0.1",
         "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
     ]  # fmt: skip
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)

@@ -313,7 +313,21 @@ class PyTorchBackend(Backend):
             log.info("model '%s': compiled for batch size %d in %.1f s", self.model_name, size, time.monotonic() - t0)
 
     # -- inference ------------------------------------------------------------------------------
-    def _to_tensor(self, name: str, arr: np.ndarray | torch.Tensor, want: torch.dtype | None) -> torch.Tensor:
+    @property
+    def accepts_device_arrays(self) -> bool:
+        """Inputs may be device memory (CUDA shared memory read in place) when the model is on a GPU."""
+        return self.device is not None and self.device.type == "cuda"
+
+    def _to_tensor(self, name: str, arr: Any, want: torch.dtype | None) -> torch.Tensor:
+        if hasattr(arr, "parts"):  # sharedmem.cuda.DeviceParts: rows of several requests, some on the GPU
+            # host rows become tensors copied one by one, not through the shared page-locked buffer
+            pieces = [
+                p if hasattr(p, "__cuda_array_interface__") else torch.from_numpy(np.ascontiguousarray(p))
+                for p in arr.parts
+            ]
+            return torch.cat([self._to_tensor(name, p, want) for p in pieces])
+        if hasattr(arr, "__cuda_array_interface__"):  # sharedmem.cuda.DeviceArray: a CUDA region, in place
+            arr = torch.as_tensor(arr, device=torch.device("cuda", arr.device_id))
         if isinstance(arr, torch.Tensor):
             # From a handler's preprocess (e.g. images decoded on the GPU): moved only if it is elsewhere,
             # cast where it lies.

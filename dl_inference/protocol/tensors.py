@@ -280,7 +280,7 @@ def _has_contents(tensor: Any) -> bool:
 SHARED_MEMORY_REGION = "shared_memory_region"  # the tensor parameter of Triton's shared-memory extension
 
 # (input tensor, label) -> its bytes from shared memory, or None when it has no region
-SharedReader = Callable[[Any, str], "bytes | memoryview | None"]
+SharedReader = Callable[[Any, str], Any]  # bytes | memoryview | a device buffer | None
 
 
 def decode_inputs(request: pb.ModelInferRequest, read_shared: SharedReader | None = None) -> dict[str, np.ndarray]:
@@ -322,7 +322,11 @@ def decode_inputs(request: pb.ModelInferRequest, read_shared: SharedReader | Non
         if name in out:
             raise InvalidArgument(f"{label} is given more than once")
         if i in shared:
-            out[name] = raw_to_numpy(shared[i], tensor.datatype, tensor.shape, name, "input")
+            data = shared[i]
+            if isinstance(data, bytes | memoryview):
+                out[name] = raw_to_numpy(data, tensor.datatype, tensor.shape, name, "input")
+            else:  # device memory left in place (sharedmem.cuda.DeviceArray)
+                out[name] = _device_input(data, tensor.datatype, tensor.shape, name)
         elif use_raw:
             if _has_contents(tensor):
                 raise InvalidArgument(f"{label}: typed contents cannot be mixed with raw_input_contents in one request")
@@ -331,6 +335,20 @@ def decode_inputs(request: pb.ModelInferRequest, read_shared: SharedReader | Non
         else:
             out[name] = _contents_to_numpy(tensor, label)
     return out
+
+
+def _device_input(data: Any, datatype: str, shape: Sequence[int], name: str) -> Any:
+    """A device buffer typed as the input's datatype and shape, checked like raw bytes (BYTES: via host)."""
+    if datatype == "BYTES" or datatype not in V2_DATATYPES:
+        return raw_to_numpy(data.to_host().tobytes(), datatype, shape, name, "input")
+    shape = tuple(int(d) for d in shape)
+    dtype = numpy_dtype(datatype)
+    expected = _element_count(shape, f"input '{name}'", dtype.itemsize) * dtype.itemsize
+    if data.nbytes != expected:
+        raise InvalidArgument(
+            f"input '{name}': expected {expected} bytes for shape {_fmt_shape(shape)} {datatype}, got {data.nbytes}"
+        )
+    return data.typed(dtype, shape)
 
 
 # --------------------------------------------------------------------------------------------------

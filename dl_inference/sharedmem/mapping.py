@@ -105,10 +105,13 @@ class RegionMaps:
         return memoryview(mapped.mm)[start : start + ref.byte_size]
 
     # -- the request path ---------------------------------------------------------------------
-    def read_input(self, name: str, loc: Location, ref: TensorRef, label: str) -> memoryview | bytes:
-        """The ``ref.byte_size`` bytes of an input: a view of a system region, a host copy of a CUDA one."""
+    def read_input(self, name: str, loc: Location, ref: TensorRef, label: str, device_ok: bool = False) -> Any:
+        """The ``ref.byte_size`` bytes of an input: a view of a system region; of a CUDA region, a host
+        copy, or with ``device_ok`` the device bytes in place (a :class:`.cuda.DeviceArray`)."""
         if loc.kind == CUDA:
             _check_ref(name, loc, ref, label)
+            if device_ok:
+                return self._cuda_regions().device_view(name, loc, ref.offset, ref.byte_size)
             return self._cuda_regions().read(name, loc, ref.offset, ref.byte_size)
         return self._system_view(name, loc, ref, label)
 

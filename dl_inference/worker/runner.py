@@ -22,6 +22,7 @@ from dl_inference.protocol.generated import grpc_service_pb2 as pb
 from dl_inference.protocol.generated import model_config_pb2 as mc
 from dl_inference.protocol.model_info import dtype_name
 from dl_inference.protocol.tensors import SharedReader, build_response, decode_inputs
+from dl_inference.sharedmem.cuda import DeviceParts
 from dl_inference.sharedmem.mapping import RegionMaps
 from dl_inference.sharedmem.params import (
     BYTE_SIZE,
@@ -112,6 +113,8 @@ class ModelRunner:
         self.output_order = [t.name for t in config.output]
         self.max_tensor_elements = 0  # 0: no limit beyond the request size
         self.regions = RegionMaps()  # shared-memory regions requests name (mapped on first use)
+        # CUDA-region inputs stay on the device for a backend that takes device memory (not through a handler)
+        self.device_inputs = handler is None and bool(getattr(backend, "accepts_device_arrays", False))
         self.max_bytes_element = 0
 
     # -- validation ---------------------------------------------------------------------------
@@ -271,7 +274,9 @@ class ModelRunner:
 
         def read(tensor: Any, label: str) -> bytes | memoryview | None:
             found = located(tensor.parameters, label)
-            return None if found is None else regions.read_input(found[0].region, found[1], found[0], label)
+            if found is None:
+                return None
+            return regions.read_input(found[0].region, found[1], found[0], label, self.device_inputs)
 
         outputs = {}
         for out in request.outputs:
@@ -339,7 +344,7 @@ class ModelRunner:
         if len(batch) == 1:
             inputs = batch[0].inputs
         else:
-            inputs = {name: np.concatenate([p.inputs[name] for p in batch]) for name in batch[0].inputs}
+            inputs = {name: _concatenate([p.inputs[name] for p in batch]) for name in batch[0].inputs}
         wanted = set().union(*(p.outputs for p in batch)) if len(batch) > 1 else set(batch[0].outputs)
         output_names = [n for n in self.output_order if n in wanted]
         t1 = time.monotonic_ns()
@@ -425,6 +430,13 @@ class ModelRunner:
             if all(d >= 0 for d in target) and math.prod(target) == arr.size:
                 arr = arr.reshape(target)
         return arr
+
+
+def _concatenate(arrays: list[Any]) -> Any:
+    """Rows of several requests as one input; inputs left in device memory are joined by the backend."""
+    if any(not isinstance(a, np.ndarray) for a in arrays):
+        return DeviceParts(arrays)
+    return np.concatenate(arrays)
 
 
 def _int_parameter(request: pb.ModelInferRequest, key: str) -> int | None:

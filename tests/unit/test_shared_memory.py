@@ -226,3 +226,24 @@ def test_decode_inputs_takes_region_bytes_for_region_inputs() -> None:
     with pytest.raises(InvalidArgument, match="expected 1 raw_input_contents entries \\(one per input not in shared"):
         decode_inputs(request, lambda tensor, label: data)
     assert y.name == "y"
+
+
+def test_device_arrays_are_typed_checked_and_batched_without_a_host_copy() -> None:
+    """The path of CUDA-region inputs to a GPU backend, with a host buffer standing in for the device."""
+    from dl_inference.sharedmem.cuda import DeviceArray, DeviceParts
+    from dl_inference.worker.runner import _concatenate
+
+    raw = np.arange(4, dtype=np.float32).tobytes()
+    device = DeviceArray(0x1000, np.dtype(np.uint8), (16,), 0, lambda: raw)
+    request = _request(byte_size=16)
+    request.inputs[0].shape[:] = [1, 4]
+    typed = decode_inputs(request, lambda tensor, label: device)["x"]
+    assert isinstance(typed, DeviceArray) and typed.dtype == np.float32 and typed.shape == (1, 4)
+    assert typed.__cuda_array_interface__ == {"shape": (1, 4), "typestr": "<f4", "data": (0x1000, False), "version": 3}
+    request.inputs[0].shape[:] = [1, 3]
+    with pytest.raises(InvalidArgument, match="input 'x': expected 12 bytes for shape \\[1,3\\] FP32, got 16"):
+        decode_inputs(request, lambda tensor, label: device)
+    joined = _concatenate([typed, np.ones((2, 4), np.float32)])
+    assert isinstance(joined, DeviceParts) and joined.shape == (3, 4)
+    assert joined.to_host().tolist() == [[0, 1, 2, 3], [1, 1, 1, 1], [1, 1, 1, 1]]
+    assert isinstance(_concatenate([np.zeros((1, 4)), np.ones((1, 4))]), np.ndarray)
