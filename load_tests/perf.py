@@ -135,6 +135,7 @@ class PerfConfig:
     quiet: bool = False
     progress: bool | None = None  # None: when stderr is a TTY and not quiet
     scenario: str | None = None
+    shared_memory: str = ""  # grpc: tensors in "system" or "cuda" shared memory (perf_analyzer's option)
 
     def target(self) -> str:
         url = (self.url or f"localhost:{DEFAULT_PORTS[self.protocol]}").rstrip("/")
@@ -170,6 +171,10 @@ class PerfConfig:
             raise PerfError("--serialize must be once or each")
         if self.tfs_format not in ("instances", "inputs"):
             raise PerfError("--tfs-format must be instances or inputs")
+        if self.shared_memory not in ("", "system", "cuda"):
+            raise PerfError("--shared-memory must be system or cuda")
+        if self.shared_memory and self.protocol != "grpc":
+            raise PerfError("--shared-memory works with --protocol grpc only")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -693,7 +698,65 @@ class HttpTarget(Target):
             await self.session.close()
 
 
+class SharedMemoryGrpcTarget(GrpcTarget):
+    """gRPC with the tensors in shared memory: one input and one output region per request in flight,
+    registered on first use (load_tests/shm_client.py); a request waits for a free pair."""
+
+    protocol = "grpc"
+
+    def __init__(self, cfg: PerfConfig, in_flight: int) -> None:
+        super().__init__(cfg)
+        self.in_flight = in_flight
+        self.slots: Any = None
+        self._ready: asyncio.Lock | None = None
+
+    async def _slots(self) -> Any:
+        from load_tests.shm_client import SharedMemorySlots, fixed_nbytes
+
+        if self._ready is None:
+            self._ready = asyncio.Lock()
+        async with self._ready:
+            if self.slots is None:
+                assert self.prep is not None
+                try:
+                    outputs = [(o.name, fixed_nbytes(o.datatype, o.shape)) for o in self.prep.outputs]
+                except ValueError as exc:
+                    raise PerfError(f"--shared-memory: {exc}") from None
+                arrays = self.prep.pool[0]
+                inputs = [
+                    (t.name, t.datatype, t.shape, raw_bytes(t.datatype, a))
+                    for t, a in zip(self.prep.inputs, arrays, strict=True)
+                ]
+                slots = SharedMemorySlots(self.channel, self.cfg.shared_memory)
+                await slots.add(self.in_flight, self.cfg.model, self.cfg.model_version, inputs, outputs)
+                self.slots = slots
+        return self.slots
+
+    async def infer(self, index: int, verify: bool) -> Outcome:
+        slots = self.slots or await self._slots()
+        slot = await slots.free.get()
+        try:
+            data = await self.call(slot.request, timeout=self.cfg.request_timeout)
+        except self._rpc_error as exc:
+            key = exc.code().name
+            self.note(key, exc.details() or "")
+            return key, 0.0, 0.0, 0.0
+        finally:
+            slots.free.put_nowait(slot)
+        if verify and any(len(raw) for raw in _pb().ModelInferResponse.FromString(data).raw_output_contents):
+            self.note("BAD_RESPONSE", "outputs in shared memory came back with bytes in the response")
+            return "BAD_RESPONSE", 0.0, 0.0, 0.0
+        return None, 0.0, 0.0, 0.0
+
+    async def close(self) -> None:
+        if self.slots is not None:
+            await self.slots.close()
+        await super().close()
+
+
 def make_target(cfg: PerfConfig) -> Target:
+    if cfg.protocol == "grpc" and cfg.shared_memory:
+        return SharedMemoryGrpcTarget(cfg, max([*cfg.concurrency, *([cfg.max_outstanding] if cfg.rate else []), 1]))
     if cfg.protocol == "grpc":
         return GrpcTarget(cfg)
     if cfg.protocol == "tfs-grpc":
@@ -1646,6 +1709,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--serialize", choices=("once", "each"), default=S,
                    help="once: bodies pre-built (default); each: serialized per request, in the latency")  # fmt: skip
     g.add_argument("--check-every", type=int, default=S, help="parse and check one response in N (default 100)")
+    g.add_argument("--shared-memory", choices=("system", "cuda"), default=S,
+                   help="grpc: tensors in system or CUDA shared memory (regions per request in flight)")  # fmt: skip
     g.add_argument("--request-timeout", type=float, default=S, help="seconds (default 30)")
     g.add_argument("--connect-timeout", type=float, default=S, help="seconds (default 10)")
     g.add_argument("--seed", type=int, default=S)
