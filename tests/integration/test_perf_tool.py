@@ -8,6 +8,7 @@ answered before the second, so the server's inference count delta is at least th
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,21 @@ def test_closed_loop_grpc(server: RunningServer, tmp_path: Path) -> None:
     check_point(point)
     assert point["checked_responses"] >= 1
     assert len(csv_path.read_text().splitlines()) == 2
+
+
+def test_closed_loop_grpc_through_system_shared_memory(server: RunningServer, tmp_path: Path) -> None:
+    out = tmp_path / "shm.json"
+    rc = perf.main(
+        ["--url", server.grpc_url, "-i", "grpc", "-m", "add_sub", "-c", "3", "--shared-memory", "system",
+         *SHORT, "--json", str(out)]
+    )  # fmt: skip
+    report = json.loads(out.read_text())
+    assert rc == 0, report["points"][0]["error_samples"]
+    (point,) = report["points"]
+    check_point(point)
+    assert report["config"]["shared_memory"] == "system"
+    leftovers = [p.name for p in Path("/dev/shm").glob(f"dlinf_load_{os.getpid()}_*")]
+    assert leftovers == [], f"regions left behind: {leftovers}"
 
 
 def test_open_loop_http_binary_image_bytes(server: RunningServer, tmp_path: Path) -> None:
