@@ -315,43 +315,94 @@ class PyTorchBackend(Backend):
     # -- inference ------------------------------------------------------------------------------
     @property
     def accepts_device_arrays(self) -> bool:
-        """Inputs may be device memory (CUDA shared memory read in place) when the model is on a GPU."""
+        """Inputs may be device memory (CUDA shared memory read in place) or several requests' rows
+        unjoined (:class:`~dl_inference.sharedmem.cuda.DeviceParts`) when the model is on a GPU."""
         return self.device is not None and self.device.type == "cuda"
 
-    def _to_tensor(self, name: str, arr: Any, want: torch.dtype | None) -> torch.Tensor:
-        if hasattr(arr, "parts"):  # sharedmem.cuda.DeviceParts: rows of several requests, some on the GPU
-            # host rows become tensors copied one by one, not through the shared page-locked buffer
-            pieces = [
-                p if hasattr(p, "__cuda_array_interface__") else torch.from_numpy(np.ascontiguousarray(p))
-                for p in arr.parts
-            ]
-            return torch.cat([self._to_tensor(name, p, want) for p in pieces])
-        if hasattr(arr, "__cuda_array_interface__"):  # sharedmem.cuda.DeviceArray: a CUDA region, in place
-            arr = torch.as_tensor(arr, device=torch.device("cuda", arr.device_id))
-        if isinstance(arr, torch.Tensor):
-            # From a handler's preprocess (e.g. images decoded on the GPU): moved only if it is elsewhere,
-            # cast where it lies.
-            dtype = want if want is not None else arr.dtype
-            if dtype.is_floating_point and self.format != "aoti":
-                dtype = self.dtype
-            return arr.to(self.device, non_blocking=True).to(dtype)
-        t = torch.from_numpy(np.ascontiguousarray(arr)) if arr.dtype != object else None
-        if t is None:
-            raise InvalidArgument(f"model '{self.model_name}': PyTorch models cannot take BYTES tensors")
+    def pin_host_memory(self, address: int, nbytes: int) -> bool:
+        """Page-lock a host range (a shared-memory region's mapping) so inputs in it go to the GPU by DMA,
+        with no copy through a staging buffer. False when CUDA refuses (the inputs are then staged)."""
+        if not self.accepts_device_arrays:
+            return False
+        err = torch.cuda.cudart().cudaHostRegister(address, nbytes, 0)
+        if int(err) != 0:
+            log.warning(
+                "model '%s': cannot page-lock a %d-byte shared-memory region (%s)", self.model_name, nbytes, err
+            )
+            return False
+        return True
+
+    def unpin_host_memory(self, address: int) -> None:
+        torch.cuda.cudart().cudaHostUnregister(address)
+
+    def _cast(self, t: torch.Tensor, want: torch.dtype | None) -> torch.dtype:
         dtype = want if want is not None else t.dtype
         if dtype.is_floating_point and self.format != "aoti":
             dtype = self.dtype
+        return dtype
+
+    def _staged(self, name: str, nbytes_like: torch.Tensor) -> torch.Tensor:
+        """This input's page-locked buffer, at least as large as ``nbytes_like`` (flat, same dtype)."""
+        staging = self._staging.get(name)
+        if staging is None or staging.dtype != nbytes_like.dtype or staging.numel() < nbytes_like.numel():
+            staging = torch.empty(nbytes_like.numel(), dtype=nbytes_like.dtype, pin_memory=True)
+            self._staging[name] = staging
+        return staging
+
+    def _join(self, name: str, parts: list[Any], want: torch.dtype | None) -> torch.Tensor:
+        """Several requests' rows straight into one device tensor: device rows copied on the GPU, rows in
+        page-locked memory (shared-memory regions) by DMA, the others once through the staging buffer."""
+        host = [torch.from_numpy(np.ascontiguousarray(p)) if isinstance(p, np.ndarray) else None for p in parts]
+        first = host[0]
+        if first is None:
+            first = _device_tensor(parts[0])
+        rows = sum(int(p.shape[0]) for p in parts)
+        out = torch.empty((rows, *first.shape[1:]), dtype=first.dtype, device=self.device)
+        staged = [t for t in host if t is not None and not t.is_pinned()]
+        buffer = self._staged(name, out[: sum(int(t.shape[0]) for t in staged)]) if staged else None
+        at: dict[int, int] = {}  # id(host tensor) -> its offset in the page-locked buffer
+        used = 0
+        for t in staged:  # one host copy each into the page-locked buffer
+            assert buffer is not None
+            buffer[used : used + t.numel()].view(t.shape).copy_(t)
+            at[id(t)] = used
+            used += t.numel()
+        offset = 0
+        for part, ht in zip(parts, host, strict=True):
+            n = int(part.shape[0])
+            target = out[offset : offset + n]
+            if ht is None:  # device memory (a CUDA shared-memory region)
+                target.copy_(_device_tensor(part))
+            elif id(ht) not in at:  # page-locked already
+                target.copy_(ht, non_blocking=True)
+            else:
+                assert buffer is not None
+                target.copy_(buffer[at[id(ht)] : at[id(ht)] + ht.numel()].view(ht.shape), non_blocking=True)
+            offset += n
+        return out.to(self._cast(out, want))
+
+    def _to_tensor(self, name: str, arr: Any, want: torch.dtype | None) -> torch.Tensor:
+        if hasattr(arr, "parts"):  # sharedmem.cuda.DeviceParts: rows of several requests, joined on the GPU
+            return self._join(name, arr.parts, want)
+        if not isinstance(arr, torch.Tensor) and hasattr(arr, "__cuda_array_interface__"):
+            arr = _device_tensor(arr)  # a CUDA shared-memory region, in place
+        if isinstance(arr, torch.Tensor):
+            # From a handler's preprocess (e.g. images decoded on the GPU) or a CUDA region: moved only if it
+            # is elsewhere, cast where it lies.
+            return arr.to(self.device, non_blocking=True).to(self._cast(arr, want))
+        t = torch.from_numpy(np.ascontiguousarray(arr)) if arr.dtype != object else None
+        if t is None:
+            raise InvalidArgument(f"model '{self.model_name}': PyTorch models cannot take BYTES tensors")
+        dtype = self._cast(t, want)
         if self.device.type != "cuda":
             return t.to(dtype)
+        if t.is_pinned():  # in a page-locked shared-memory region: DMA from where the client put it
+            return t.to(self.device, non_blocking=True).to(dtype)
         # A plain copy into a page-locked buffer, an asynchronous copy to the GPU, the cast there:
         # measured on an H200 (load_tests/bench_pytorch_gpu.py), casting on the host first halves
         # the bytes sent but costs more than it saves. The output's copy back orders the transfer
         # before the buffer's next use.
-        staging = self._staging.get(name)
-        if staging is None or staging.dtype != t.dtype or staging.numel() < t.numel():
-            staging = torch.empty(t.numel(), dtype=t.dtype, pin_memory=True)
-            self._staging[name] = staging
-        host = staging[: t.numel()].view(t.shape)
+        host = self._staged(name, t)[: t.numel()].view(t.shape)
         host.copy_(t)
         return host.to(self.device, non_blocking=True).to(dtype)
 
@@ -444,3 +495,10 @@ class PyTorchBackend(Backend):
         # model.py modules imported for this model can go too
         for key in [k for k in sys.modules if k.startswith(f"dl_inference_model_{self.model_name}_")]:
             del sys.modules[key]
+
+
+def _device_tensor(value: Any) -> torch.Tensor:
+    """A tensor on the GPU as it is, or a view of a sharedmem.cuda.DeviceArray (no copy)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    return torch.as_tensor(value, device=torch.device("cuda", value.device_id))

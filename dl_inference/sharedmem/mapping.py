@@ -8,7 +8,8 @@ repeated (cheap) so a worker never touches memory outside a region whatever it i
   the gateway says the region is gone (:meth:`RegionMaps.forget`). The file must still be the one
   registered (same inode), and before each use it must still be long enough: a client that shrinks
   its file under a mapping would otherwise make the worker fault (SIGBUS) on access. Inputs are
-  zero-copy read-only views of the mapping.
+  zero-copy views of the mapping; for a GPU backend the mapping is page-locked (``cudaHostRegister``)
+  once, so inputs go from the client's memory to the GPU by DMA.
 * CUDA regions are opened with ``cudaIpcOpenMemHandle`` (cuda-python) in this process and copied to
   host memory for the backend, and outputs are copied into them (:mod:`.cuda`).
 """
@@ -22,7 +23,7 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -41,13 +42,24 @@ class _Mapped:
     fd: int
     mm: mmap.mmap
     writable: bool
+    pinned_at: int = 0  # address registered with CUDA (page-locked), 0 when not
+
+
+class HostPinning(Protocol):
+    """A backend that page-locks host memory for DMA to its GPU (the PyTorch backend on a GPU)."""
+
+    def pin_host_memory(self, address: int, nbytes: int) -> bool: ...
+
+    def unpin_host_memory(self, address: int) -> None: ...
 
 
 class RegionMaps:
     """The regions this worker has mapped, by registration."""
 
-    def __init__(self, shm_dir: Path = SHM_DIR) -> None:
+    def __init__(self, shm_dir: Path = SHM_DIR, pinning: HostPinning | None = None) -> None:
         self.shm_dir = shm_dir
+        # page-locks each system region once it is mapped, so its inputs go to the GPU without a host copy
+        self.pinning = pinning
         self._system: dict[int, _Mapped] = {}
         self._cuda: Any = None  # .cuda.CudaRegions, created on the first CUDA region
         self._lock = threading.Lock()  # inputs map on the event loop, outputs on the batch thread
@@ -87,6 +99,10 @@ class RegionMaps:
                 os.close(fd)
                 raise
             mapped = self._system[loc.generation] = _Mapped(fd, mm, writable)
+            if self.pinning is not None:
+                address = np.frombuffer(mm, dtype=np.uint8).ctypes.data
+                if self.pinning.pin_host_memory(address, length):
+                    mapped.pinned_at = address
             return mapped
 
     @staticmethod
@@ -152,6 +168,8 @@ class RegionMaps:
             with self._lock:
                 mapped = self._system.pop(generation, None)
             if mapped is not None:
+                if mapped.pinned_at and self.pinning is not None:
+                    self.pinning.unpin_host_memory(mapped.pinned_at)
                 _close(mapped)
             if self._cuda is not None:
                 self._cuda.forget(generation)

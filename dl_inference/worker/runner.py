@@ -10,7 +10,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from google.protobuf.message import DecodeError
@@ -23,7 +23,7 @@ from dl_inference.protocol.generated import model_config_pb2 as mc
 from dl_inference.protocol.model_info import dtype_name
 from dl_inference.protocol.tensors import SharedReader, build_response, decode_inputs
 from dl_inference.sharedmem.cuda import DeviceParts
-from dl_inference.sharedmem.mapping import RegionMaps
+from dl_inference.sharedmem.mapping import HostPinning, RegionMaps
 from dl_inference.sharedmem.params import (
     BYTE_SIZE,
     LOCATIONS,
@@ -112,9 +112,11 @@ class ModelRunner:
         self.outputs = _specs(config.output)
         self.output_order = [t.name for t in config.output]
         self.max_tensor_elements = 0  # 0: no limit beyond the request size
-        self.regions = RegionMaps()  # shared-memory regions requests name (mapped on first use)
-        # CUDA-region inputs stay on the device for a backend that takes device memory (not through a handler)
+        # CUDA-region inputs stay on the device for a backend that takes device memory (not through a
+        # handler); such a backend also joins a batch's rows itself, on the GPU.
         self.device_inputs = handler is None and bool(getattr(backend, "accepts_device_arrays", False))
+        pinning = cast(HostPinning, backend) if self.device_inputs and hasattr(backend, "pin_host_memory") else None
+        self.regions = RegionMaps(pinning=pinning)  # shared-memory regions requests name (mapped on first use)
         self.max_bytes_element = 0
 
     # -- validation ---------------------------------------------------------------------------
@@ -344,7 +346,8 @@ class ModelRunner:
         if len(batch) == 1:
             inputs = batch[0].inputs
         else:
-            inputs = {name: _concatenate([p.inputs[name] for p in batch]) for name in batch[0].inputs}
+            join = self.device_inputs
+            inputs = {name: _concatenate([p.inputs[name] for p in batch], join) for name in batch[0].inputs}
         wanted = set().union(*(p.outputs for p in batch)) if len(batch) > 1 else set(batch[0].outputs)
         output_names = [n for n in self.output_order if n in wanted]
         t1 = time.monotonic_ns()
@@ -432,9 +435,10 @@ class ModelRunner:
         return arr
 
 
-def _concatenate(arrays: list[Any]) -> Any:
-    """Rows of several requests as one input; inputs left in device memory are joined by the backend."""
-    if any(not isinstance(a, np.ndarray) for a in arrays):
+def _concatenate(arrays: list[Any], backend_joins: bool = False) -> Any:
+    """Rows of several requests as one input; a backend that joins them itself (on the GPU, straight
+    from where each request's rows are) gets them as they are, and so do rows left in device memory."""
+    if backend_joins or any(not isinstance(a, np.ndarray) for a in arrays):
         return DeviceParts(arrays)
     return np.concatenate(arrays)
 

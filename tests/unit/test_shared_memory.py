@@ -247,3 +247,32 @@ def test_device_arrays_are_typed_checked_and_batched_without_a_host_copy() -> No
     assert isinstance(joined, DeviceParts) and joined.shape == (3, 4)
     assert joined.to_host().tolist() == [[0, 1, 2, 3], [1, 1, 1, 1], [1, 1, 1, 1]]
     assert isinstance(_concatenate([np.zeros((1, 4)), np.ones((1, 4))]), np.ndarray)
+    # a backend that joins rows itself (PyTorch on a GPU) gets host rows unjoined too
+    assert isinstance(_concatenate([np.zeros((1, 4)), np.ones((1, 4))], backend_joins=True), DeviceParts)
+
+
+class _Pinning:
+    def __init__(self) -> None:
+        self.pinned: dict[int, int] = {}
+
+    def pin_host_memory(self, address: int, nbytes: int) -> bool:
+        self.pinned[address] = nbytes
+        return True
+
+    def unpin_host_memory(self, address: int) -> None:
+        del self.pinned[address]
+
+
+def test_system_regions_are_page_locked_once_for_a_gpu_backend(registry: SharedMemoryRegistry, tmp_path: Path) -> None:
+    _file(tmp_path, "k", bytes(4096))
+    registry.register_system("r", "k", 0, 4096)
+    loc = registry.status(SYSTEM, "r")[0].location
+    pinning = _Pinning()
+    maps = RegionMaps(tmp_path, pinning=pinning)
+    view = maps.read_input("r", loc, TensorRef("r", 16, 8), "input 'x'")
+    maps.read_input("r", loc, TensorRef("r", 0, 8), "input 'x'")
+    ((address, nbytes),) = pinning.pinned.items()
+    assert nbytes == 4096 and np.frombuffer(view, np.uint8).ctypes.data == address + 16
+    del view
+    maps.forget([loc.generation])
+    assert pinning.pinned == {}
