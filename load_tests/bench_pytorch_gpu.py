@@ -882,6 +882,10 @@ def format_ceiling(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# issue 19: served through shared memory / the in-process compute-only ceiling, at the highest concurrency
+SHM_TARGETS = {"system": 0.5, "cuda": 0.7}
+
+
 def ratios(rows: list[dict[str, Any]], ceiling: list[dict[str, Any]]) -> dict[str, Any]:
     if not rows:
         return {}
@@ -953,6 +957,18 @@ def ratios(rows: list[dict[str, Any]], ceiling: list[dict[str, Any]]) -> dict[st
             ratio(ceil.get(("fp16 compiled", "compute only")), ceil.get(("fp32 eager", "compute only"))),
             None,
         )
+    compute = ceil.get(("fp16 compiled", "compute only"))
+    for kind, target in SHM_TARGETS.items():  # tensors through shared memory, best images per request
+        shm_rows = [r for r in rows if r["model"] == f"{COMPILED}+{kind}_shm" and r["concurrency"] == hi]
+        if shm_rows and compute:
+            best = max(shm_rows, key=lambda r: r["images_per_s"])
+            add(
+                f"{kind}_shm_over_compute",
+                f"{COMPILED} through {kind} shared memory at c={hi}, {best['request_batch']} images/request / "
+                "in-process fp16 compiled compute only",
+                ratio(best["images_per_s"], compute),
+                target,
+            )
     ran = {r["model"] for r in rows}
     if ran <= set(JPEG_MODELS):  # a JPEG-only run: the ratios above have nothing to compare
         out.clear()

@@ -267,3 +267,22 @@ def test_loadgen_input_data_cycles_through_given_rows() -> None:
         build_workload(spec_in, spec_out, LoadConfig(input_data={"pixels": rows}))
     plain = build_workload(spec_in, spec_out, LoadConfig(batch=3))
     assert plain.requests() == [plain.arrays] and plain.inputs[0].shape == [3, 1]
+
+
+def test_shared_memory_ratios_take_the_best_images_per_request() -> None:
+    def row(model: str, batch: int, ips: float) -> dict[str, object]:
+        return {"model": model, "concurrency": 64, "request_batch": batch, "images_per_s": ips}
+
+    compiled = bench.COMPILED
+    rows = [
+        row(compiled, 1, 1000.0),
+        row(f"{compiled}+system_shm", 1, 3000.0),
+        row(f"{compiled}+system_shm", 8, 9000.0),
+        row(f"{compiled}+cuda_shm", 8, 13000.0),
+    ]
+    ceiling = [{"variant": "fp16 compiled", "mode": "compute only", "images_per_s": 20000.0}]
+    out = bench.ratios(rows, ceiling)
+    assert out["system_shm_over_compute"]["value"] == pytest.approx(0.45)
+    assert not out["system_shm_over_compute"]["met"] and "8 images/request" in out["system_shm_over_compute"]["what"]
+    assert out["cuda_shm_over_compute"]["value"] == pytest.approx(0.65)
+    assert out["cuda_shm_over_compute"]["target"] == ">= 0.7"
