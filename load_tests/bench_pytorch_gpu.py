@@ -260,13 +260,14 @@ def config_text(
     gpu: int = 0,
     input_type: str = "TYPE_FP32",
     tensors: str | None = None,
+    instances: int = 1,
 ) -> str:
     """Triton ``config.pbtxt`` text for one ResNet-50 copy; ``tensors``: its input/output lines, when not
     the network's own (a model behind a handler)."""
     if device == "gpu":
-        group = f"instance_group [ {{ kind: KIND_GPU count: 1 gpus: [ {gpu} ] }} ]"
+        group = f"instance_group [ {{ kind: KIND_GPU count: {instances} gpus: [ {gpu} ] }} ]"
     else:
-        group = "instance_group [ { kind: KIND_CPU count: 1 } ]"
+        group = f"instance_group [ {{ kind: KIND_CPU count: {instances} }} ]"
     params = "\n".join(f'parameters {{ key: "{k}" value {{ string_value: "{v}" }} }}' for k, v in parameters.items())
     if tensors is None:
         tensors = (
@@ -292,6 +293,7 @@ def jpeg_config_text(
     gpu: int = 0,
     warmup_batch_sizes: tuple[int, ...] = (1,),
     warmup_count: int = 1,
+    instances: int = 1,
 ) -> str:
     """``config.pbtxt`` of a JPEG model: what clients see (``image`` BYTES in, top-k out; the handler
     turns them into the network's pixels and back), and one warm-up sample per batch size, through the
@@ -308,7 +310,10 @@ def jpeg_config_text(
         f'value {{ data_type: TYPE_STRING dims: [ 1 ] input_data_file: "image.bin" }} }} }}\n'
         for b in warmup_batch_sizes
     )
-    return config_text(name, parameters, image, max_batch_size, delay_us, device, gpu, tensors=tensors) + warmups
+    text = config_text(
+        name, parameters, image, max_batch_size, delay_us, device, gpu, tensors=tensors, instances=instances
+    )
+    return text + warmups
 
 
 def jpeg_parameters(model: str, device: str, image: int, compile_mode: str, compile_batch_sizes: str) -> dict[str, str]:
@@ -331,6 +336,7 @@ def write_repository(
     compile_mode: str = "reduce-overhead",
     compile_batch_sizes: str = "1,2,4,8,16,32,64",
     seed: int = 0,
+    instances: int = 1,
 ) -> Path:
     """``root/<model>/{config.pbtxt, 1/model.py, 1/model.safetensors}`` for each model; the weights
     file (~100 MB, the same for all: ResNet-50 under ``torch.manual_seed(seed)``) is written once
@@ -349,13 +355,15 @@ def write_repository(
         (version / "model.py").write_text(source + (U8_WRAPPER if u8 else ""))
         if name in JPEG_MODELS:
             text = write_jpeg_extras(
-                root / name, name, image, max_batch_size, delay_us, device, compile_mode, compile_batch_sizes, seed
-            )
+                root / name, name, image, max_batch_size, delay_us, device, compile_mode, compile_batch_sizes, seed,
+                instances,
+            )  # fmt: skip
         else:
             params = model_parameters(name, compile_mode, compile_batch_sizes)
             text = config_text(
-                name, params, image, max_batch_size, delay_us, device, input_type="TYPE_UINT8" if u8 else "TYPE_FP32"
-            )
+                name, params, image, max_batch_size, delay_us, device,
+                input_type="TYPE_UINT8" if u8 else "TYPE_FP32", instances=instances,
+            )  # fmt: skip
         (root / name / "config.pbtxt").write_text(text)
         target = version / "model.safetensors"
         target.unlink(missing_ok=True)
@@ -382,6 +390,7 @@ def write_jpeg_extras(
     compile_mode: str,
     compile_batch_sizes: str,
     seed: int,
+    instances: int = 1,
 ) -> str:
     """A JPEG model's handler.py (the example handler, verbatim) and warm-up image; its config text."""
     from load_tests.synthetic_jpeg import synthetic_jpegs
@@ -394,7 +403,7 @@ def write_jpeg_extras(
     compiled = params["compile"] != "off"
     sizes = tuple(_int_list(params["compile_batch_sizes"])) if compiled and "compile_batch_sizes" in params else (1,)
     count = 3 if params["compile"] in ("reduce-overhead", "max-autotune") else 1  # as the backend's own warm-up
-    return jpeg_config_text(name, params, image, max_batch_size, delay_us, device, 0, sizes, count)
+    return jpeg_config_text(name, params, image, max_batch_size, delay_us, device, 0, sizes, count, instances)
 
 
 def jpeg_pool(image: int, count: int = JPEG_POOL, seed: int = 0) -> np.ndarray:
@@ -1084,6 +1093,7 @@ def bench(args: argparse.Namespace, workdir: Path, say: Output) -> dict[str, Any
         compile_mode=args.compile_mode,
         compile_batch_sizes=args.compile_batch_sizes,
         seed=args.seed,
+        instances=args.instances,
     )
     say.progress(f"wrote {len(args.models)} models to {repo} in {time.monotonic() - t0:.1f} s")
 
@@ -1097,6 +1107,7 @@ def bench(args: argparse.Namespace, workdir: Path, say: Output) -> dict[str, Any
             "image": args.image,
             "max_batch_size": args.max_batch_size,
             "delay_us": args.delay_us,
+            "instances": args.instances,
             "compile_mode": args.compile_mode,
             "compile_batch_sizes": args.compile_batch_sizes,
             "concurrency": args.concurrency,
@@ -1241,6 +1252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", type=int, default=None, help="input height = width (default 224; quick 64)")
     p.add_argument("--max-batch-size", type=int, default=None, help="default 64; quick 4")
     p.add_argument("--delay-us", type=int, default=1000, help="max_queue_delay_microseconds (default 1000)")
+    p.add_argument("--instances", type=int, default=1, help="instances of each model (instance_group count)")
     p.add_argument(
         "--request-batch",
         type=int,
