@@ -12,7 +12,8 @@ Safety rules (Triton has had advisories on each):
 * A region is pinned while a request uses it; unregistering it then is FAILED_PRECONDITION.
 * Regions whose client is gone are forgotten by :meth:`SharedMemoryRegistry.sweep`: a system region
   whose /dev/shm file was removed or replaced, or that no process outside this server maps or holds
-  open any more (checked through /proc for files owned by this server's user; for another owner
+  open any more after one was seen doing so (checked through /proc for files owned by this server's
+  user; a client in another PID namespace or of another user is not visible, and for its regions
   only removal is detected). CUDA regions are forgotten only when unregistered: nothing on the host
   tells whether the exporting process still lives.
 """
@@ -76,6 +77,9 @@ class SharedMemoryRegistry:
         self.in_use: Counter[str] = Counter()  # (name) -> requests using it now
         self._generations = itertools.count(1)
         self._orphan_seen: set[int] = set()  # generations found orphaned by the previous sweep
+        # generations some process outside the server was once seen holding: only these can be found
+        # orphaned (a client in another PID namespace, sharing /dev/shm, is never visible in /proc)
+        self._tracked: set[int] = set()
         self.on_forget: Callable[[list[int]], None] = lambda generations: None
 
     # -- registration -----------------------------------------------------------------------
@@ -198,17 +202,18 @@ class SharedMemoryRegistry:
     def sweep(self, held: set[tuple[int, int]] | None) -> list[str]:
         """Forget system regions whose client is gone (see the module docstring); their names.
 
-        ``held`` comes from :meth:`holders`. A region must look unheld on two sweeps in a row, so a
-        client between creating its region and mapping it is not caught. Regions in use are kept.
+        ``held`` comes from :meth:`holders`. A region is forgotten for being unheld only once a
+        process outside the server was seen holding it (a client this server can see), and then only
+        when it looks unheld on two sweeps in a row. Regions in use are kept.
         """
-        candidates = [r for r in self.regions[SYSTEM].values() if not self.in_use[r.name]]
-        if not candidates:
-            self._orphan_seen.clear()
-            return []
         gone: list[Region] = []
         orphans: set[int] = set()
-        for region in candidates:
+        for region in list(self.regions[SYSTEM].values()):
             loc = region.location
+            if self.in_use[region.name]:  # kept; its client is busy with it, so it is visible if it can be
+                if held is not None and (region.device, loc.inode) in held:
+                    self._tracked.add(loc.generation)
+                continue
             try:
                 st = os.stat(self.shm_dir / loc.key, follow_symlinks=False)
                 replaced = (st.st_dev, st.st_ino) != (region.device, loc.inode)
@@ -216,7 +221,11 @@ class SharedMemoryRegistry:
                 replaced = True
             if replaced:
                 gone.append(region)
-            elif held is not None and region.owner_uid == os.geteuid() and (region.device, loc.inode) not in held:
+            elif held is None or region.owner_uid != os.geteuid():
+                continue
+            elif (region.device, loc.inode) in held:
+                self._tracked.add(loc.generation)  # its client is visible here: we will see it go
+            elif loc.generation in self._tracked:
                 if loc.generation in self._orphan_seen:
                     gone.append(region)
                 else:
@@ -224,6 +233,7 @@ class SharedMemoryRegistry:
         self._orphan_seen = orphans
         for region in gone:
             self.regions[SYSTEM].pop(region.name, None)
+            self._tracked.discard(region.location.generation)
             log.warning("forgetting shared-memory region '%s': its client is gone", region.name)
         self._forget(gone)
         return [r.name for r in gone]

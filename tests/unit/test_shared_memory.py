@@ -120,20 +120,31 @@ def test_attach_checks_every_use_and_pins(registry: SharedMemoryRegistry, tmp_pa
 
 
 def test_sweep_forgets_regions_of_clients_that_are_gone(registry: SharedMemoryRegistry, tmp_path: Path) -> None:
-    for key in ("held", "unheld", "removed", "replaced", "busy"):
+    for key in ("held", "unheld", "removed", "replaced", "busy"):  # all seen held by their clients at first
         _file(tmp_path, key, bytes(8))
         registry.register_system(key, key, 0, 8)
     (tmp_path / "removed").unlink()
     (tmp_path / "replaced").unlink()
     _file(tmp_path, "replaced", bytes(8))  # same name, another object
+    _file(tmp_path, "invisible", bytes(8))
+    registry.register_system("invisible", "invisible", 0, 8)  # its client is never seen (another PID namespace)
     _, pinned = registry.attach(_request("busy"))
-    st = os.stat(tmp_path / "held")
-    held = {(st.st_dev, st.st_ino)}
-    assert sorted(registry.sweep(held)) == ["removed", "replaced"]
-    assert registry.sweep(held) == ["unheld"]  # unheld on two sweeps in a row
+
+    def ident(key: str) -> tuple[int, int]:
+        st = os.stat(tmp_path / key)
+        return st.st_dev, st.st_ino
+
+    everyone = {ident(k) for k in ("held", "unheld", "busy")}
+    assert sorted(registry.sweep(everyone)) == ["removed", "replaced"]
+    held = {ident("held")}  # the client of "unheld" and "busy" went away
+    assert registry.sweep(held) == []  # first strike
     assert registry.sweep(None) == []  # holders unknown: nothing is forgotten for being unheld
-    assert sorted(r.name for r in registry.status(SYSTEM, "")) == ["busy", "held"]
+    assert registry.sweep(held) == []  # a strike only counts on two sweeps in a row...
+    assert registry.sweep(held) == ["unheld"]  # ...and "busy" is in use
+    assert sorted(r.name for r in registry.status(SYSTEM, "")) == ["busy", "held", "invisible"]
     registry.release(pinned)
+    registry.sweep(held)
+    assert registry.sweep(held) == ["busy"]
 
 
 def test_holders_sees_a_mapping_of_another_process(registry: SharedMemoryRegistry, tmp_path: Path) -> None:
