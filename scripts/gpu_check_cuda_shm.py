@@ -17,12 +17,9 @@ Prints one line per check and ``ALL OK`` / ``FAILED``; exit status 0 only when e
 from __future__ import annotations
 
 import asyncio
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +28,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from load_tests.shm_client import SERVICE, _CudaRegion
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _read(region: _CudaRegion, offset: int, nbytes: int) -> np.ndarray:
@@ -242,41 +233,26 @@ async def _bad_handle(register: Any, infer: Any, pb: Any, nbytes: int) -> None:
 
 
 def main() -> int:
+    try:
+        import cuda.bindings.runtime  # noqa: F401
+    except ImportError:
+        print("MISSING: cuda-python (cuda.bindings); run this on a GPU machine")
+        return 2
     from dl_inference.examples import make_example_repository
+    from tests.integration.server import run_server
 
     work = Path(tempfile.mkdtemp(prefix="gpu_check_cuda_shm_"))
     make_example_repository(work / "repo")
     write_twice(work / "repo")
-    http_port, grpc_port, metrics_port = _port(), _port(), _port()
-    log = open(work / "server.log", "wb")
-    cmd = [
-        sys.executable, "-m", "dl_inference", "serve", "--model-repository", str(work / "repo"),
-        "--model-control-mode", "explicit", "--load-model", "add_sub", "--load-model", "twice",
-        "--host", "127.0.0.1",
-        "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
-    ]  # fmt: skip
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    models = ("--model-control-mode", "explicit", "--load-model", "add_sub", "--load-model", "twice")
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/health/ready", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                print((work / "server.log").read_text()[-3000:])
-                print("FAILED: the server did not become ready")
-                return 1
-            time.sleep(0.3)
-        results = asyncio.run(checks(grpc_port))
-    finally:
-        server.terminate()
-        server.wait(30)
-        log.close()
+        with run_server(work / "repo", work / "server.log", *models, ready_timeout=120) as srv:
+            results = asyncio.run(checks(srv.grpc_port))
+    except RuntimeError as exc:  # the server did not become ready: its log is in the message
+        print(f"FAILED: {exc}")
+        return 1
     for what, ok, detail in results:
-        print(f"{'ok  ' if ok else 'FAIL'} {what}: {detail}")
+        print(f"{'ok  ' if ok else 'FAIL'} {what}{': ' + detail if detail else ''}")
     failed = [r for r in results if not r[1]]
     print("ALL OK" if not failed else f"FAILED: {len(failed)} of {len(results)}")
     if failed:

@@ -11,20 +11,17 @@ Prints one line per check and ``ALL OK`` / ``FAILED``.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_check_cuda_shm import _port, write_twice
+from gpu_check_cuda_shm import write_twice
 
 
 def checks(grpc_port: int, http_port: int) -> list[tuple[str, bool, str]]:
@@ -79,39 +76,18 @@ def checks(grpc_port: int, http_port: int) -> list[tuple[str, bool, str]]:
 
 def main() -> int:
     from dl_inference.examples import make_example_repository
+    from tests.integration.server import run_server
 
     work = Path(tempfile.mkdtemp(prefix="gpu_check_tritonclient_"))
     make_example_repository(work / "repo")
     write_twice(work / "repo")
-    http_port, grpc_port, metrics_port = _port(), _port(), _port()
-    log = open(work / "server.log", "wb")
-    cmd = [
-        sys.executable, "-m", "dl_inference", "serve", "--model-repository", str(work / "repo"),
-        "--model-control-mode", "explicit", "--load-model", "add_sub", "--load-model", "twice",
-        "--host", "127.0.0.1", "--http-port", str(http_port), "--grpc-port", str(grpc_port),
-        "--metrics-port", str(metrics_port),
-    ]  # fmt: skip
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    results: list[tuple[str, bool, Any]] = []
+    models = ("--model-control-mode", "explicit", "--load-model", "add_sub", "--load-model", "twice")
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/health/ready", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                print((work / "server.log").read_text()[-3000:])
-                print("FAILED: the server did not become ready")
-                return 1
-            time.sleep(0.3)
-        results = checks(grpc_port, http_port)
-    finally:
-        server.terminate()
-        server.wait(30)
-        log.close()
+        with run_server(work / "repo", work / "server.log", *models, ready_timeout=120) as srv:
+            results = checks(srv.grpc_port, srv.http_port)
+    except RuntimeError as exc:  # the server did not become ready: its log is in the message
+        print(f"FAILED: {exc}")
+        return 1
     for what, ok, detail in results:
         print(f"{'ok  ' if ok else 'FAIL'} {what}{': ' + detail if detail else ''}")
     failed = [r for r in results if not r[1]]
