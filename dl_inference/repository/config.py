@@ -18,6 +18,7 @@ from google.protobuf import json_format, text_format
 
 from dl_inference.errors import InvalidArgument
 from dl_inference.protocol.generated import model_config_pb2
+from dl_inference.repository.unsupported import check_supported
 
 logger = logging.getLogger(__name__)
 
@@ -312,6 +313,7 @@ def validate_config(config: ModelConfig) -> None:
             _validate_tensor(model, kind, t, seen)
     _validate_instance_groups(model, config)
     _validate_batching(model, config)
+    check_supported(config)
     policy = config.version_policy
     if policy.WhichOneof("policy_choice") == "latest" and policy.latest.num_versions < 1:
         raise InvalidArgument(f"model '{model}': version_policy latest needs num_versions >= 1")

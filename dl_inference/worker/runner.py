@@ -177,6 +177,23 @@ class ModelRunner:
                     f"{self.max_bytes_element} (setting max_bytes_element)"
                 )
 
+    def _refuse_unimplemented(self, request: pb.ModelInferRequest) -> None:
+        """Request features this server does not implement are refused, never dropped: a sequence's
+        requests answered as if independent, or a classification answered with raw scores, are wrong."""
+        params = request.parameters
+        sequence = [k for k in ("sequence_id", "sequence_start", "sequence_end") if k in params and _is_set(params[k])]
+        if sequence:
+            raise InvalidArgument(
+                f"model '{self.name}' is not a stateful (sequence-batched) model, and this server does not "
+                f"implement sequences yet: request parameter(s) {', '.join(sequence)} cannot be honoured"
+            )
+        for out in request.outputs:
+            if "classification" in out.parameters:
+                raise InvalidArgument(
+                    f"output '{out.name}': the classification extension (parameter 'classification') is not "
+                    "implemented by this server; request the output's values and take the top classes yourself"
+                )
+
     def _requested_outputs(self, request: pb.ModelInferRequest) -> list[str]:
         if not request.outputs:
             return self.output_order
@@ -217,6 +234,7 @@ class ModelRunner:
             raise InvalidArgument(f"malformed ModelInferRequest: {exc}") from None
         if request.model_name and request.model_name != self.name:
             raise NotFound(f"unknown model '{request.model_name}' (this worker serves '{self.name}')")
+        self._refuse_unimplemented(request)
         rows = self._check_inputs(request)
         output_names = self._requested_outputs(request)
         reader, shared_outputs = self._shared_memory(request)
@@ -441,6 +459,12 @@ def _concatenate(arrays: list[Any], backend_joins: bool = False) -> Any:
     if backend_joins or any(not isinstance(a, np.ndarray) for a in arrays):
         return DeviceParts(arrays)
     return np.concatenate(arrays)
+
+
+def _is_set(param: pb.InferParameter) -> bool:
+    """A parameter with a value other than its type's zero (tritonclient sends none for no sequence)."""
+    kind = param.WhichOneof("parameter_choice")
+    return kind is not None and bool(getattr(param, kind))
 
 
 def _int_parameter(request: pb.ModelInferRequest, key: str) -> int | None:

@@ -276,3 +276,13 @@ def test_undecodable_request_is_invalid_argument(server: RunningServer, method: 
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "is not a valid inference." in (info.value.details() or "")
     assert "DecodeError" not in server.log()
+
+
+def test_sequences_and_classification_are_refused_not_ignored(client: grpcclient.InferenceServerClient) -> None:
+    x = _input("x", np.ones((1, 16), np.float32), "FP32")
+    with pytest.raises(InferenceServerException, match="sequence_id, sequence_start cannot be honoured"):
+        client.infer("simple", [x], sequence_id=7, sequence_start=True)
+    with pytest.raises(InferenceServerException, match="output 'y': the classification extension"):
+        client.infer("simple", [x], outputs=[grpcclient.InferRequestedOutput("y", class_count=2)])
+    # what stock clients send without a sequence is still fine
+    assert client.infer("simple", [x], sequence_id=0).as_numpy("y").shape == (1, 4)

@@ -530,3 +530,44 @@ def test_fingerprint_tracks_nested_savedmodel(tmp_path: Path) -> None:
     (model_dir / "1" / "model.savedmodel" / "variables").mkdir()
     (model_dir / "1" / "model.savedmodel" / "variables" / "v.index").write_bytes(b"i")
     assert scan_model(tmp_path, "tf").fingerprint != before.fingerprint
+
+
+def test_settings_this_server_does_not_implement_fail_the_load_naming_each() -> None:
+    from google.protobuf import text_format
+
+    from dl_inference.repository.config import validate_config
+    from dl_inference.repository.unsupported import unsupported_settings
+
+    config = text_format.Parse(
+        """
+        name: "m" max_batch_size: 4
+        input [{ name: "x" data_type: TYPE_FP32 dims: [4] allow_ragged_batch: true format: FORMAT_NCHW }]
+        output [{ name: "y" data_type: TYPE_FP32 dims: [4] label_filename: "labels.txt" }]
+        sequence_batching { max_sequence_idle_microseconds: 1000 }
+        response_cache { enable: true }
+        model_transaction_policy { decoupled: true }
+        instance_group [{ name: "g" count: 1 kind: KIND_CPU rate_limiter { priority: 1 } }]
+        optimization {
+          execution_accelerators { cpu_execution_accelerator [{ name: "openvino" }] }
+          input_pinned_memory { enable: true }
+        }
+        """,
+        mc.ModelConfig(),
+    )
+    assert unsupported_settings(config) == [
+        "sequence_batching (stateful models)",
+        "response_cache { enable: true }",
+        "model_transaction_policy { decoupled: true }",
+        "instance_group 'g' rate_limiter",
+        "input 'x' allow_ragged_batch",
+        "optimization execution_accelerators",
+    ]  # label_filename, format and pinned memory are accepted: they change nothing here
+    with pytest.raises(InvalidArgument, match="model 'm': this server does not implement sequence_batching"):
+        validate_config(config)
+    plain = text_format.Parse(
+        'name: "m" model_transaction_policy { decoupled: false } response_cache { enable: false }',
+        mc.ModelConfig(),
+    )
+    assert unsupported_settings(plain) == []
+    ensemble = text_format.Parse('name: "e" platform: "ensemble" ensemble_scheduling { step [] }', mc.ModelConfig())
+    assert unsupported_settings(ensemble) == ["ensemble_scheduling (ensemble pipelines)"]
