@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dl_inference.errors import InvalidArgument
-from dl_inference.protocol.framing import ExecStats, FrameProtocol, Kind, unpack_token
+from dl_inference.protocol.framing import WORKER_TOKEN_ENV, ExecStats, FrameProtocol, Kind, unpack_token
 from dl_inference.protocol.generated import model_config_pb2 as mc
 
 log = logging.getLogger(__name__)
@@ -249,7 +249,6 @@ class WorkerPool:
             "--version", str(spec.version),
             "--device", spec.device,
             "--connect", self.socket_path,
-            "--token", inst.token,
         ]  # fmt: skip
         if spec.device_id is not None:
             cmd += ["--device-id", str(spec.device_id)]
@@ -260,6 +259,7 @@ class WorkerPool:
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
         env["DL_INFERENCE_WORKER"] = spec.label
+        env[WORKER_TOKEN_ENV] = inst.token  # not on the command line, which every local user can read (ps)
         # A session of its own: a terminal's Ctrl-C reaches the gateway only, which then stops the
         # workers in order; if the gateway dies outright, workers exit when its socket closes.
         try:

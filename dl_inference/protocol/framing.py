@@ -27,6 +27,9 @@ from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
+# The environment variable a spawned worker finds its HELLO token in (the command line is world-readable).
+WORKER_TOKEN_ENV = "DL_INFERENCE_WORKER_TOKEN"
+
 HEADER = struct.Struct("<IQBB2x")
 # queue_ns, compute_input_ns, compute_infer_ns, compute_output_ns, the request's own rows, the batch
 # size of the execution it ran in, 1 if this request accounts for that execution (one per batch).

@@ -1,7 +1,8 @@
 """Worker process entry point: load one model instance, then serve it.
 
-Spawned by the gateway with ``--connect SOCKET --token T``: the worker loads its model, connects to
-the gateway's Unix socket and says HELLO (or LOAD_FAILED with the reason), then serves framed
+Spawned by the gateway with ``--connect SOCKET`` and its token in ``DL_INFERENCE_WORKER_TOKEN`` (not on
+the command line, which every local user can read): the worker loads its model, connects to the
+gateway's Unix socket and says HELLO (or LOAD_FAILED with the reason), then serves framed
 requests until the gateway goes away. With ``--grpc-port`` it also (or only) serves V2 gRPC, so it
 can be a standalone node behind another gateway; ``--auth-token-file`` and ``--tls-cert/--tls-key
 [--tls-ca]`` protect that port as they protect a gateway's (tokens, TLS, mutual TLS).
@@ -19,7 +20,7 @@ import sys
 from pathlib import Path
 
 from dl_inference.errors import WIRE_CODE, ServerError
-from dl_inference.protocol.framing import ExecStats, FrameProtocol, Kind, pack_token
+from dl_inference.protocol.framing import WORKER_TOKEN_ENV, ExecStats, FrameProtocol, Kind, pack_token
 from dl_inference.security import AccessPolicy, TlsSettings
 from dl_inference.worker.executor import InstanceExecutor
 from dl_inference.worker.loader import LoadedModel, load_model_version
@@ -151,6 +152,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.connect is None and args.grpc_port is None:
         args.grpc_port = 8001
+    if not args.token:  # spawned by a gateway: the token comes in the environment, not on the command line
+        args.token = os.environ.pop(WORKER_TOKEN_ENV, "")
     try:  # before the model loads: a bad token or certificate file is an error at once
         access, tls = grpc_security(args)
     except ServerError as exc:

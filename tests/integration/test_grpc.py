@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import urllib.request
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -286,3 +287,21 @@ def test_sequences_and_classification_are_refused_not_ignored(client: grpcclient
         client.infer("simple", [x], outputs=[grpcclient.InferRequestedOutput("y", class_count=2)])
     # what stock clients send without a sequence is still fine
     assert client.infer("simple", [x], sequence_id=0).as_numpy("y").shape == (1, 4)
+
+
+def test_ports_in_use_fail_in_one_line_and_workers_get_their_token_off_the_command_line(
+    server: RunningServer, example_repo: Path
+) -> None:
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "dl_inference", "serve", "--model-repository", str(example_repo),
+           "--host", "127.0.0.1", "--metrics-port", "0"]  # fmt: skip
+    for ports in (["--http-port", str(server.http_port), "--grpc-port", "0"], ["--grpc-port", str(server.grpc_port)]):
+        done = subprocess.run([*cmd, *ports], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2, done.stderr
+        assert "Traceback" not in done.stderr
+        assert "address" in done.stderr and "in use" in done.stderr and "choose other ports" in done.stderr
+    for pid in server.worker_pids():
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        assert b"--token" not in cmdline, cmdline
