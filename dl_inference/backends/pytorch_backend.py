@@ -11,7 +11,10 @@ Model file, chosen from the version directory (or ``default_model_filename``):
 * ``model.pth``: a pickled whole module (dl_inference's old format). Unpickling runs whatever code
   the file names, so it is refused unless the config sets ``parameters { key: "allow_pickle" ... "true" }``.
 
-The config must list inputs and outputs: PyTorch files do not name their tensors. The module is
+A torch.export program whose config lists no inputs and no outputs gets them from its signature
+(``forward``'s argument names; outputs ``output__0``, ...; dtypes and dims; batching when every first
+dimension is dynamic). Otherwise the config must list inputs and outputs: other PyTorch files do not
+name their tensors (the loader refuses a model left with none). The module is
 called with the inputs positionally, in config order; a tensor result is the single output, a
 tuple/list maps to the outputs in config order, a dict by name. (Without inputs/outputs in the
 config — a model behind a ``handler.py`` — inputs are passed in the order the handler gives them and
@@ -45,6 +48,7 @@ import numpy as np
 import torch
 
 from dl_inference.backends.base import Backend, get_parameter, parameter_bool, parameter_int
+from dl_inference.backends.tensor_specs import ModelTensor, complete_io
 from dl_inference.errors import Code, InternalError, InvalidArgument, ServerError
 from dl_inference.protocol.datatypes import numpy_dtype
 from dl_inference.protocol.generated.model_config_pb2 import ModelConfig
@@ -140,6 +144,7 @@ class PyTorchBackend(Backend):
         self.module: Any = None
         self.device = torch.device("cpu")
         self.dtype = torch.float32
+        self.program_signature: tuple[dict[str, ModelTensor], dict[str, ModelTensor]] | None = None
         self.inputs: list[tuple[str, torch.dtype]] = []
         self.outputs: list[tuple[str, np.dtype]] = []
         self.buckets: list[int] = []
@@ -196,6 +201,13 @@ class PyTorchBackend(Backend):
         self.outputs = [(t.name, numpy_dtype(dtype_name(t.data_type))) for t in config.output]
 
         module = self._read(version_dir, config)
+        if self.program_signature is not None and not config.input and not config.output:
+            # A torch.export program names and types its tensors: the config is completed from them
+            # (the batch dimension is the first one when it is dynamic in every tensor).
+            complete_io(completed, *self.program_signature, what="torch.export program")
+            self.max_batch_size = completed.max_batch_size
+            self.inputs = [(t.name, _TORCH_DTYPES[dtype_name(t.data_type)]) for t in completed.input]
+            self.outputs = [(t.name, numpy_dtype(dtype_name(t.data_type))) for t in completed.output]
         if self.format != "aoti":
             if self.format != "torch.export program":  # exported programs keep the mode they were exported in
                 module = module.eval()
@@ -265,6 +277,7 @@ class PyTorchBackend(Backend):
             except Exception as exc:
                 raise InvalidArgument(f"model '{name}': {path.name} is not a torch.export program: {exc}") from exc
             self.format = "torch.export program"
+            self.program_signature = _export_signature(program, name)
             return program.module()
         if path.suffix == ".pth" or (path.suffix == ".pt" and not zipfile.is_zipfile(path)):
             if not parameter_bool(config, "allow_pickle"):
@@ -502,3 +515,36 @@ def _device_tensor(value: Any) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value
     return torch.as_tensor(value, device=torch.device("cuda", value.device_id))
+
+
+def _export_signature(program: Any, name: str) -> tuple[dict[str, ModelTensor], dict[str, ModelTensor]]:
+    """The user inputs (named as the exported ``forward``'s arguments) and outputs (``output__0``, ...,
+    as Triton names PyTorch outputs) of a torch.export program, with their dtypes and shapes (-1 where a
+    dimension is dynamic)."""
+    from torch.export.graph_signature import InputKind, OutputKind
+
+    by_dtype = {dtype: v2 for v2, dtype in _TORCH_DTYPES.items()}
+
+    def tensor(tensor_name: str, value: Any, kind: str) -> ModelTensor:
+        if not isinstance(value, torch.Tensor) or value.dtype not in by_dtype:
+            raise InvalidArgument(
+                f"model '{name}': the torch.export program's {kind} '{tensor_name}' is not a numeric tensor "
+                f"({type(value).__name__}); list the model's inputs and outputs in its config"
+            )
+        shape = tuple(d if isinstance(d, int) else -1 for d in value.shape)
+        return ModelTensor(tensor_name, by_dtype[value.dtype], shape)
+
+    nodes = {n.name: n for n in program.graph.nodes}
+    inputs = {
+        spec.arg.name: tensor(spec.arg.name, nodes[spec.arg.name].meta.get("val"), "input")
+        for spec in program.graph_signature.input_specs
+        if spec.kind == InputKind.USER_INPUT
+    }
+    output_node = next(n for n in program.graph.nodes if n.op == "output")
+    values = list(output_node.args[0])
+    outputs: dict[str, ModelTensor] = {}
+    for spec, node in zip(program.graph_signature.output_specs, values, strict=False):
+        if spec.kind == OutputKind.USER_OUTPUT:
+            out_name = f"output__{len(outputs)}"
+            outputs[out_name] = tensor(out_name, getattr(node, "meta", {}).get("val"), "output")
+    return inputs, outputs

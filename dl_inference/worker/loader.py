@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dl_inference.backends.base import get_backend
-from dl_inference.errors import NotFound
+from dl_inference.errors import InvalidArgument, NotFound
 from dl_inference.protocol.generated import model_config_pb2 as mc
 from dl_inference.repository.config import backend_name, load_model_config, validate_config
 from dl_inference.repository.scan import resolve_inside, validate_model_name
@@ -73,6 +73,13 @@ def load_model_version(
                 del target[:]
                 target.extend(getattr(config, field))
     try:
+        if not completed.input or not completed.output:  # never READY with nothing a client can send or get
+            missing = " and ".join(k for k, v in (("inputs", completed.input), ("outputs", completed.output)) if not v)
+            raise InvalidArgument(
+                f"model '{name}': no {missing}: its config does not list them and its model file "
+                f"({backend_name(config, version_dir)}) does not name them; list every input and output in "
+                'config.pbtxt (name, data_type, dims), e.g. input [{ name: "x" data_type: TYPE_FP32 dims: [ 16 ] }]'
+            )
         validate_config(completed)
         if handler_path is not None:
             context = HandlerContext(

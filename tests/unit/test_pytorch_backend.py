@@ -13,7 +13,7 @@ from google.protobuf import text_format  # noqa: E402
 
 from dl_inference.backends.base import get_backend  # noqa: E402
 from dl_inference.errors import InvalidArgument, ServerError  # noqa: E402
-from dl_inference.protocol.generated.model_config_pb2 import ModelConfig  # noqa: E402
+from dl_inference.protocol.generated.model_config_pb2 import DataType, ModelConfig  # noqa: E402
 from dl_inference.repository.config import backend_name  # noqa: E402
 
 MODEL_PY = (Path(__file__).parent / "torch_net.py").read_text()
@@ -228,3 +228,30 @@ def test_aotinductor_package(tmp_path: Path) -> None:
     _check(backend, net, rtol=1e-4)
     with pytest.raises(InvalidArgument, match="an AOTInductor package is compiled for its device and precision"):
         _load(tmp_path / "1", 'parameters { key: "precision" value { string_value: "fp16" } }')
+
+
+def test_torch_export_program_without_a_config_completes_it_from_its_signature(tmp_path: Path) -> None:
+    net = _net()
+    (tmp_path / "1").mkdir()
+    torch.export.save(_export(net), str(tmp_path / "1" / "model.pt2"))
+    backend = get_backend("pytorch")
+    completed = backend.load(tmp_path / "1", ModelConfig(name="net"))
+    assert completed.max_batch_size == 8  # every tensor's first dimension is dynamic: batching
+    got = [(t.name, DataType.Name(t.data_type), list(t.dims)) for t in completed.input]
+    assert got == [("x", "TYPE_FP32", [8]), ("y", "TYPE_FP32", [4])]
+    got = [(t.name, DataType.Name(t.data_type), list(t.dims)) for t in completed.output]
+    assert got == [("output__0", "TYPE_FP32", [4]), ("output__1", "TYPE_FP32", [1])]
+    h, total = _expected(net, _inputs(5))
+    out = backend.infer(_inputs(5), [])
+    np.testing.assert_allclose(out["output__0"], h, rtol=1e-5)
+    np.testing.assert_allclose(out["output__1"], total, rtol=1e-5)
+
+
+def test_a_model_without_tensor_names_and_no_config_fails_the_load_saying_what_to_list(tmp_path: Path) -> None:
+    from dl_inference.worker.loader import load_model_version
+
+    net = _net()
+    (tmp_path / "ts" / "1").mkdir(parents=True)
+    torch.jit.script(net).save(str(tmp_path / "ts" / "1" / "model.pt"))
+    with pytest.raises(InvalidArgument, match=r"model 'ts': no inputs and outputs.*list every input and output"):
+        load_model_version(tmp_path, "ts", None)
