@@ -21,13 +21,21 @@ def _setup_logging(level: str) -> None:
     )
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dl-inference", description="Multi-backend V2 inference server")
     p.add_argument("--version", action="version", version=f"dl-inference {__version__}")
-    p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING, ERROR")
+    p.add_argument("--log-level", default=None, type=str.upper, choices=LOG_LEVELS, help="DEBUG, INFO, WARNING, ERROR")
+    # also accepted after the command (``serve --log-level DEBUG``); SUPPRESS keeps the first one's value
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--log-level", default=argparse.SUPPRESS, type=str.upper, choices=LOG_LEVELS, help="DEBUG, INFO, WARNING, ERROR"
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("serve", help="run the gateway and one worker process per model instance")
+    s = sub.add_parser("serve", parents=[common], help="run the gateway and one worker process per model instance")
     s.add_argument("--model-repository", help="model repository directory")
     s.add_argument("--http-port", type=int)
     s.add_argument("--grpc-port", type=int)
@@ -68,10 +76,10 @@ def _parser() -> argparse.ArgumentParser:
 
     from dl_inference.worker.main import add_arguments
 
-    w = sub.add_parser("worker", help="serve one model instance (standalone: V2 gRPC on --grpc-port)")
+    w = sub.add_parser("worker", parents=[common], help="serve one model instance (standalone: V2 gRPC on --grpc-port)")
     add_arguments(w)
 
-    e = sub.add_parser("make-examples", help="write the example models into a repository directory")
+    e = sub.add_parser("make-examples", parents=[common], help="write the example models into a repository directory")
     e.add_argument("directory")
     e.add_argument(
         "--tensorflow", action=argparse.BooleanOptionalAction, default=None,

@@ -242,8 +242,9 @@ class WorkerPool:
     async def spawn(self, spec: WorkerSpec) -> WorkerInstance:
         inst = WorkerInstance(spec)
         self._by_token[inst.token] = inst
+        level = logging.getLevelName(logging.getLogger().getEffectiveLevel())  # the gateway's, for every worker
         cmd = [
-            spec.python, "-m", "dl_inference", "worker",
+            spec.python, "-m", "dl_inference", "--log-level", str(level), "worker",
             "--model-repository", str(spec.repository),
             "--model", spec.model,
             "--version", str(spec.version),

@@ -293,8 +293,9 @@ def test_tensor_element_limit_and_compressed_body(limited_server: RunningServer)
 
 def test_command_line_flags(example_repo: Path, tmp_path: Path) -> None:
     (tmp_path / "tokens").write_text(INFER + "\n")
-    flags = ("--auth-token-file", str(tmp_path / "tokens"), "--control-api", "disabled")
+    flags = ("--auth-token-file", str(tmp_path / "tokens"), "--control-api", "disabled", "--log-level", "debug")
     with run_server(_repo(example_repo, tmp_path), tmp_path / "log", *flags) as srv:
+        assert " DEBUG [worker " in srv.log()  # serve --log-level reaches the workers
         base = f"http://{srv.http_url}"
         assert _http(f"{base}/v2/models/simple") == 401
         assert _http(f"{base}/v2/models/simple", token=INFER) == 200
