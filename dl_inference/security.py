@@ -58,9 +58,9 @@ OPEN_GRPC_METHODS = frozenset(
         "/grpc.health.v1.Health/Watch",
     }
 )
-CONTROL_GRPC_METHODS = frozenset(
-    {_SERVICE + "RepositoryIndex", _SERVICE + "RepositoryModelLoad", _SERVICE + "RepositoryModelUnload"}
-)
+# The repository index is not among them: clients list models with it, so it is served wherever
+# inference is, to inference tokens (as Triton serves it in every model-control mode).
+CONTROL_GRPC_METHODS = frozenset({_SERVICE + "RepositoryModelLoad", _SERVICE + "RepositoryModelUnload"})
 
 
 def grpc_role(method: str) -> str:
@@ -75,7 +75,7 @@ def http_role(path: str) -> str:
     """The role an HTTP path needs (paths as the V2 HTTP API spells them)."""
     if path in ("/v2/health/live", "/v2/health/ready"):
         return Role.OPEN
-    if path.startswith("/v2/repository/"):
+    if path.startswith("/v2/repository/") and path != "/v2/repository/index":
         return Role.CONTROL
     if path.startswith("/v2/models/") and path.endswith("/ready"):
         return Role.OPEN

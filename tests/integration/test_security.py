@@ -127,8 +127,15 @@ def test_model_control_only_on_its_port_and_only_for_admins(token_server: Runnin
     assert err.value.status() == "StatusCode.PERMISSION_DENIED"
     # On the control port: admins only.
     assert _http(f"{control}/v2/repository/index", "POST") == 401
-    assert _http(f"{control}/v2/repository/index", "POST", INFER) == 403
+    assert _http(f"{control}/v2/repository/models/simple/load", "POST", INFER) == 403
     assert _http(f"{control}/v2/repository/index", "POST", ADMIN) == 200
+    # The index lists models for clients: served wherever inference is, to inference tokens.
+    assert _http(f"{base}/v2/repository/index", "POST") == 401
+    assert _http(f"{base}/v2/repository/index", "POST", INFER) == 200
+    index = grpcclient.InferenceServerClient(token_server.grpc_url).get_model_repository_index(
+        headers={"authorization": f"Bearer {INFER}"}
+    )
+    assert [m.name for m in index.models] == ["simple"]
     assert _http(f"{control}/v2/models/simple", token=ADMIN) == 404  # inference is not served there
     assert _http(f"{control}/v2/repository/models/simple/unload", "POST", ADMIN) == 200
     assert _http(f"{base}/v2/models/simple/ready") == 400
@@ -139,10 +146,12 @@ def test_model_control_only_on_its_port_and_only_for_admins(token_server: Runnin
 def test_control_api_disabled(example_repo: Path, tmp_path: Path) -> None:
     (tmp_path / "server.yaml").write_text("control_api: disabled\n")
     with run_server(_repo(example_repo, tmp_path), tmp_path / "log", "--config", str(tmp_path / "server.yaml")) as srv:
-        assert _http(f"http://{srv.http_url}/v2/repository/index", "POST") == 403
+        assert _http(f"http://{srv.http_url}/v2/repository/models/simple/unload", "POST") == 403
+        assert _http(f"http://{srv.http_url}/v2/repository/index", "POST") == 200  # listing models stays
         assert _http(f"http://{srv.http_url}/v2/models/simple") == 200  # no tokens configured: open
         with pytest.raises(InferenceServerException, match="not served on this port"):
-            grpcclient.InferenceServerClient(srv.grpc_url).get_model_repository_index()
+            grpcclient.InferenceServerClient(srv.grpc_url).unload_model("simple")
+        assert grpcclient.InferenceServerClient(srv.grpc_url).get_model_repository_index().models
 
 
 # --- TLS ---------------------------------------------------------------------------------------
@@ -299,4 +308,5 @@ def test_command_line_flags(example_repo: Path, tmp_path: Path) -> None:
         base = f"http://{srv.http_url}"
         assert _http(f"{base}/v2/models/simple") == 401
         assert _http(f"{base}/v2/models/simple", token=INFER) == 200
-        assert _http(f"{base}/v2/repository/index", "POST", INFER) == 403
+        assert _http(f"{base}/v2/repository/models/simple/load", "POST", INFER) == 403
+        assert _http(f"{base}/v2/repository/index", "POST", INFER) == 200

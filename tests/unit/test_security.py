@@ -23,9 +23,11 @@ def _code(policy: AccessPolicy, role: str, token: str | None) -> Code | None:
 
 
 def test_roles_of_paths_and_methods() -> None:
+    svc = "/inference.GRPCInferenceService/"
     assert http_role("/v2/health/live") == http_role("/v2/health/ready") == Role.OPEN
     assert http_role("/v2/models/m/ready") == http_role("/v2/models/m/versions/2/ready") == Role.OPEN
-    assert http_role("/v2/repository/index") == http_role("/v2/repository/models/m/load") == Role.CONTROL
+    assert http_role("/v2/repository/models/m/load") == http_role("/v2/repository/models/m/unload") == Role.CONTROL
+    assert http_role("/v2/repository/index") == grpc_role(svc + "RepositoryIndex") == Role.INFERENCE  # listing models
     assert http_role("/v2/models/m/infer") == http_role("/v2") == http_role("/v2/models/m/config") == Role.INFERENCE
     assert http_role("/v2/models/ready/infer") == Role.INFERENCE  # a model named "ready" is not a probe
     svc = "/inference.GRPCInferenceService/"
