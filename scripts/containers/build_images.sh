@@ -3,7 +3,7 @@
 #
 #   scripts/containers/build_images.sh [NAME ...]
 #
-# NAME: gateway, worker-cpu, worker-tensorflow (the default set: what docker-compose.yml's cpu profile runs),
+# NAME: gateway, worker-cpu, worker-tensorflow (the default set: what docker-compose.yml runs by default),
 # worker-itex, worker-gpu (needs CUDA_BASE_IMAGE from a registry: not buildable here), gpu-runtime-check (the GPU
 # Dockerfile's `runtime` stage on the local Debian base, then removed: checks that stage's apt/user steps).
 #

@@ -33,10 +33,10 @@ else
     echo "docker-compose not installed: compose file not checked (scripts/containers/setup_podman.sh installs it)" >&2
     exit 1
 fi
-for profiles in cpu gpu "cpu itex" "cpu prometheus"; do
+for profiles in "" cpu gpu itex prometheus; do
     args=()
     for p in $profiles; do args+=(--profile "$p"); done
-    echo "${compose[*]} config: profiles $profiles"
+    echo "${compose[*]} config: profiles ${profiles:-(none: the default CPU stack)}"
     # The repository folder only has to be a path here; config does not read it.
     MODEL_REPOSITORY=/models "${compose[@]}" -f docker/docker-compose.yml "${args[@]}" config -q
 done

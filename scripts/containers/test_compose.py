@@ -8,7 +8,7 @@ Steps, each timed (table at the end): set up podman and its Docker-compatible so
 container files (lint.sh), make the Debian base image (make_base_image.sh), build the gateway, CPU worker and
 TensorFlow worker images (build_images.sh; --itex adds the ITEX worker) and check the GPU Dockerfile's runtime
 stage, check the images (uid, no compilers, HEALTHCHECK, the frameworks import), write the example model
-repository, bring the compose stack up with docker-compose 1.29 against podman's socket (cpu profile, two
+repository, bring the compose stack up with docker-compose 1.29 against podman's socket (the default CPU stack, two
 `worker-simple` containers), wait until every container's health check passes (podman runs HEALTHCHECKs from
 systemd timers, absent here, so this script runs `podman healthcheck run` itself, every few seconds, for the
 whole test), infer through the gateway with tritonclient over gRPC and HTTP and check the answers, then kill one
@@ -489,7 +489,7 @@ def main(argv: list[str]) -> int:
         "DL_INFERENCE_METRICS_PORT": str(args.port_base + 2),
         "DL_INFERENCE_TAG": TAG,
     }
-    profiles = ["--profile", "cpu"] + (["--profile", "itex"] if args.itex else [])
+    profiles = ["--profile", "itex"] if args.itex else []  # no profile: the CPU stack is the default
     compose = ["docker-compose", "-p", args.project, "-f", str(COMPOSE_FILE), *profiles]
     repository = Path(tempfile.mkdtemp(prefix="dl-inference-models-", dir="/var/tmp"))
     env["MODEL_REPOSITORY"] = str(repository)
@@ -519,7 +519,7 @@ def main(argv: list[str]) -> int:
             for path in repository.rglob("*"):
                 os.chown(path, UID, UID, follow_symlinks=False)
             s.note = f"{repository}, owned by uid {UID}"
-        with run.step("compose up (cpu profile, worker-simple x2)") as s:
+        with run.step("compose up (default CPU stack, worker-simple x2)") as s:
             stack_up = True
             run.sh([*compose, "up", "-d", "--no-build", "--scale", "worker-simple=2"], "compose", env=env, timeout=600)
             s.note = f"{len(containers(args.project))} containers"
