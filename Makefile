@@ -15,7 +15,7 @@ MLSERVER_VERSION ?= 1.7.1
 # later 2.15.0.x are XPU-only; the trailing .0 of intel-extension-for-tensorflow-lib's version marks the
 # CPU build) needs TensorFlow 2.15 and protobuf<4.24, so only the workers of models whose config says
 # `worker_environment: itex` run there (serve --worker-environment itex=$(ITEX_VENV)/bin/python).
-# TensorFlow 2.15 takes Python 3.9-3.11 (ITEX_PYTHON: the interpreter the venv is made from).
+# TensorFlow 2.15 takes Python 3.9-3.11 and dl_inference 3.11+, so 3.11 (ITEX_PYTHON: the venv's interpreter).
 ITEX_VENV ?= .venv-itex
 ITEX_PYTHON ?= $(PYTHON)
 ITEX_VERSION ?= 2.15.0.0
@@ -132,8 +132,8 @@ mlserver-env: $(MLSERVER_VENV)/.installed
 # worker's gRPC frontend, TF-Serving JSON); numpy<2 and ml_dtypes 0.3 come with TensorFlow 2.15. Our
 # package: -e . --no-deps. The list lives here, so editing this Makefile re-runs it (pip keeps what fits).
 $(ITEX_VENV)/.installed: pyproject.toml Makefile
-	@$(ITEX_PYTHON) -c 'import sys; sys.exit(0 if (3, 9) <= sys.version_info[:2] <= (3, 11) else \
-		"TensorFlow 2.15 needs Python 3.9-3.11: make itex-env ITEX_PYTHON=python3.11")'
+	@$(ITEX_PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else \
+		"TensorFlow 2.15 takes Python 3.9-3.11 and dl_inference 3.11+: make itex-env ITEX_PYTHON=python3.11")'
 	$(ITEX_PYTHON) -m venv $(ITEX_VENV)
 	$(ITEX_VENV)/bin/python -m pip install -q --upgrade pip
 	$(ITEX_VENV)/bin/python -m pip install -q 'tensorflow-cpu==$(ITEX_TF_VERSION)' \
