@@ -20,6 +20,7 @@ import asyncio
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -232,7 +233,12 @@ async def _bad_handle(register: Any, infer: Any, pb: Any, nbytes: int) -> None:
     await infer(req)
 
 
-def main() -> int:
+Results = list[tuple[str, bool, str]]
+
+
+def run_checks(prefix: str, checks_on: Callable[[Any], Results]) -> int:
+    """Serve the examples plus `twice` (add_sub and twice loaded) on free ports, run ``checks_on(server)``,
+    print one line per check and ALL OK / FAILED (with the server log's end); the exit status."""
     try:
         import cuda.bindings.runtime  # noqa: F401
     except ImportError:
@@ -241,13 +247,13 @@ def main() -> int:
     from dl_inference.examples import make_example_repository
     from tests.integration.server import run_server
 
-    work = Path(tempfile.mkdtemp(prefix="gpu_check_cuda_shm_"))
+    work = Path(tempfile.mkdtemp(prefix=prefix))
     make_example_repository(work / "repo")
     write_twice(work / "repo")
     models = ("--model-control-mode", "explicit", "--load-model", "add_sub", "--load-model", "twice")
     try:
         with run_server(work / "repo", work / "server.log", *models, ready_timeout=120) as srv:
-            results = asyncio.run(checks(srv.grpc_port))
+            results = checks_on(srv)
     except RuntimeError as exc:  # the server did not become ready: its log is in the message
         print(f"FAILED: {exc}")
         return 1
@@ -258,6 +264,10 @@ def main() -> int:
     if failed:
         print((work / "server.log").read_text()[-3000:])
     return 1 if failed else 0
+
+
+def main() -> int:
+    return run_checks("gpu_check_cuda_shm_", lambda srv: asyncio.run(checks(srv.grpc_port)))
 
 
 if __name__ == "__main__":

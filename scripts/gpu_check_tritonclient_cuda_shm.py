@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_check_cuda_shm import write_twice
+from gpu_check_cuda_shm import run_checks
 
 
 def checks(grpc_port: int, http_port: int) -> list[tuple[str, bool, str]]:
@@ -75,26 +74,7 @@ def checks(grpc_port: int, http_port: int) -> list[tuple[str, bool, str]]:
 
 
 def main() -> int:
-    from dl_inference.examples import make_example_repository
-    from tests.integration.server import run_server
-
-    work = Path(tempfile.mkdtemp(prefix="gpu_check_tritonclient_"))
-    make_example_repository(work / "repo")
-    write_twice(work / "repo")
-    models = ("--model-control-mode", "explicit", "--load-model", "add_sub", "--load-model", "twice")
-    try:
-        with run_server(work / "repo", work / "server.log", *models, ready_timeout=120) as srv:
-            results = checks(srv.grpc_port, srv.http_port)
-    except RuntimeError as exc:  # the server did not become ready: its log is in the message
-        print(f"FAILED: {exc}")
-        return 1
-    for what, ok, detail in results:
-        print(f"{'ok  ' if ok else 'FAIL'} {what}{': ' + detail if detail else ''}")
-    failed = [r for r in results if not r[1]]
-    print("ALL OK" if not failed else f"FAILED: {len(failed)} of {len(results)}")
-    if failed:
-        print((work / "server.log").read_text()[-3000:])
-    return 1 if failed else 0
+    return run_checks("gpu_check_tritonclient_", lambda srv: checks(srv.grpc_port, srv.http_port))
 
 
 if __name__ == "__main__":
