@@ -10,11 +10,12 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from tests.integration.server import run_server
+from tests.samples import CAFFE_SAMPLES, CAFFE_SKIP_REASON
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "caffe"
+SHARED = CAFFE_SAMPLES
 LENET = SHARED / "lenet"
 
-pytestmark = pytest.mark.skipif(not LENET.is_dir(), reason="../shared/caffe is not present")
+pytestmark = pytest.mark.skipif(not LENET.is_dir(), reason=CAFFE_SKIP_REASON)
 
 
 def _golden() -> tuple[np.ndarray, np.ndarray]:

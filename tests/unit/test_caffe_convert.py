@@ -16,8 +16,9 @@ from dl_inference.convert.caffe.loader import CaffeLayer, CaffeNet, load_net
 from dl_inference.convert.caffe.to_onnx import convert_caffe, convert_net
 from dl_inference.errors import InvalidArgument
 from dl_inference.protocol.generated import caffe_pb2
+from tests.samples import CAFFE_SAMPLES, CAFFE_SKIP_REASON
 
-SHARED = Path("/work/shared/caffe")
+SHARED = CAFFE_SAMPLES
 
 
 def _layer(name: str, type_: str, bottoms: list[str], tops: list[str], text: str = "", blobs=()) -> CaffeLayer:
@@ -251,7 +252,7 @@ def _compare(got: dict[str, np.ndarray], golden: dict[str, np.ndarray]) -> None:
 REAL = _real_cases()
 
 
-@pytest.mark.skipif(not REAL, reason=f"{SHARED} is missing")
+@pytest.mark.skipif(not REAL, reason=CAFFE_SKIP_REASON)
 @pytest.mark.parametrize("proto,weights,input_path,golden", REAL)
 def test_real_model_matches_caffe(proto: Path, weights: Path, input_path: Path, golden: dict, tmp_path: Path) -> None:
     out = tmp_path / "model.onnx"

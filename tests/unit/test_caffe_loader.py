@@ -16,8 +16,9 @@ import pytest
 from dl_inference.convert.caffe.loader import V1_TYPE_NAMES, CaffeNet, load_net, read_caffemodel, read_prototxt
 from dl_inference.errors import InvalidArgument
 from dl_inference.protocol.generated import caffe_pb2
+from tests.samples import CAFFE_SAMPLES, CAFFE_SKIP_REASON
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "caffe"
+SHARED = CAFFE_SAMPLES
 INVENTORY: dict = json.loads((SHARED / "inventory.json").read_text()) if (SHARED / "inventory.json").is_file() else {}
 
 
@@ -46,7 +47,7 @@ PAIR_IDS = [str(p.relative_to(SHARED)) for p, _ in PAIRS]
 @pytest.fixture(scope="module", params=PAIRS, ids=PAIR_IDS)
 def real(request: pytest.FixtureRequest) -> tuple[Path, Path, CaffeNet]:
     if not SHARED.is_dir():
-        pytest.skip(f"{SHARED} is not present")
+        pytest.skip(CAFFE_SKIP_REASON)
     proto, model = request.param
     return proto, model, load_net(proto, model)
 
@@ -57,7 +58,7 @@ def _entry(model: Path) -> dict | None:
 
 def test_shared_folder_has_models() -> None:
     if not SHARED.is_dir():
-        pytest.skip(f"{SHARED} is not present")
+        pytest.skip(CAFFE_SKIP_REASON)
     assert len(PAIRS) >= len(INVENTORY) > 0
     assert all(m.is_file() for _, m in PAIRS)
 
@@ -120,7 +121,7 @@ def test_real_model_outputs_are_produced_tops(real: tuple[Path, Path, CaffeNet])
 
 def test_real_caffemodel_extra_layers_ignored() -> None:
     if not SHARED.is_dir():
-        pytest.skip(f"{SHARED} is not present")
+        pytest.skip(CAFFE_SKIP_REASON)
     for model, entry in INVENTORY.items():
         weights = read_caffemodel(SHARED / model)
         names = {layer.name for layer in weights.layer} | {layer.name for layer in weights.layers}

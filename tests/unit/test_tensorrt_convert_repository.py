@@ -14,10 +14,11 @@ from dl_inference.cli import main
 from dl_inference.convert.tensorrt.engine_cache import read_metadata
 from dl_inference.convert.tensorrt.repository import plan_repository, run_conversion
 from dl_inference.repository.config import backend_name, load_model_config
+from tests.samples import CAFFE_SAMPLES
 from tests.unit.test_tensorrt_backend_fake import write_onnx
 from tests.unit.trt_fakes import FakeCuda, make_fake_tensorrt
 
-CAFFE = Path("/work/shared/caffe/synthetic_single")
+CAFFE = CAFFE_SAMPLES / "synthetic_single"
 
 
 def make_repository(root: Path) -> Path:
