@@ -54,8 +54,11 @@ api_answers() {
 if ! api_answers; then
     rm -f "$PODMAN_SOCKET"
     mkdir -p "$(dirname "$PODMAN_SOCKET")"
-    # --time=0: never exit for idleness. Detached from this shell, so it outlives the caller.
-    setsid nohup podman system service --time=0 "unix://$PODMAN_SOCKET" >/var/log/podman-service.log 2>&1 </dev/null &
+    # --time=0: never exit for idleness. Detached from this shell, so it outlives the caller; started from /
+    # because conmon inherits its working directory, and every later container start fails ("write child:
+    # broken pipe") once the caller's folder is gone (a removed checkout).
+    (cd / && exec setsid nohup podman system service --time=0 "unix://$PODMAN_SOCKET") \
+        >/var/log/podman-service.log 2>&1 </dev/null &
     for _ in $(seq 50); do
         api_answers && break
         sleep 0.2
