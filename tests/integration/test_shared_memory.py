@@ -8,6 +8,7 @@ OUTPUT0 = INPUT0 + INPUT1 and OUTPUT1 = INPUT0 - INPUT1 on FP32 [n, 16].
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -224,6 +225,64 @@ def test_batched_requests_each_with_their_own_regions(shm_server: RunningServer)
         with ThreadPoolExecutor(8) as pool:
             for _ in range(3):
                 list(pool.map(run, jobs))
+    finally:
+        regions.close()
+        c.close()
+
+
+@pytest.fixture(scope="module")
+def batching_server(example_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """add_sub with one instance and dynamic batching that waits 50 ms: concurrent requests share batches."""
+    root = tmp_path_factory.mktemp("shm_batching")
+    shutil.copytree(example_repo / "add_sub", root / "repo" / "add_sub")
+    (root / "repo" / "add_sub" / "config.yaml").write_text(
+        "name: add_sub\nbackend: onnxruntime\nmax_batch_size: 8\n"
+        "instance_group: [{count: 1, kind: KIND_CPU}]\n"
+        "dynamic_batching: {max_queue_delay_microseconds: 50000}\n"
+    )
+    with run_server(root / "repo", root / "server.log") as srv:
+        yield srv
+
+
+def test_requests_reading_and_writing_regions_batch_together(batching_server: RunningServer) -> None:
+    c = grpcclient.InferenceServerClient(batching_server.grpc_url)
+    regions = Regions(c)
+    try:
+        jobs = []
+        for k in range(8):
+            a, b = _data(1, seed=200 + k)
+            in_name, _, in_handle = regions.make(a.nbytes + b.nbytes)
+            out_name, _, out_handle = regions.make(2 * a.nbytes)
+            shm.set_shared_memory_region(in_handle, [a, b])
+            jobs.append((a, b, in_name, out_name, out_handle))
+
+        def run(job: tuple[Any, ...]) -> None:
+            a, b, in_name, out_name, out_handle = job
+            inputs = [
+                grpcclient.InferInput("INPUT0", [1, 16], "FP32"),
+                grpcclient.InferInput("INPUT1", [1, 16], "FP32"),
+            ]
+            inputs[0].set_shared_memory(in_name, a.nbytes)
+            if b[0, 0] > 0:  # some requests send INPUT1 inline: they batch with the others all the same
+                inputs[1].set_data_from_numpy(b)
+            else:
+                inputs[1].set_shared_memory(in_name, b.nbytes, offset=a.nbytes)
+            outputs = [grpcclient.InferRequestedOutput("OUTPUT0"), grpcclient.InferRequestedOutput("OUTPUT1")]
+            outputs[0].set_shared_memory(out_name, a.nbytes)
+            outputs[1].set_shared_memory(out_name, a.nbytes, offset=a.nbytes)
+            c.infer("add_sub", inputs, outputs=outputs)
+            got = shm.get_contents_as_numpy(out_handle, np.float32, [2, 16])
+            np.testing.assert_allclose(got[0], (a + b)[0], rtol=1e-6)
+            np.testing.assert_allclose(got[1], (a - b)[0], rtol=1e-6)
+
+        before = c.get_inference_statistics("add_sub").model_stats[0]
+        with ThreadPoolExecutor(8) as pool:
+            for _ in range(3):
+                list(pool.map(run, jobs))
+        after = c.get_inference_statistics("add_sub").model_stats[0]
+        inferences = after.inference_count - before.inference_count
+        executions = after.execution_count - before.execution_count
+        assert inferences == 24 and executions < inferences, (inferences, executions)  # they did share batches
     finally:
         regions.close()
         c.close()
