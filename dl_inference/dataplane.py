@@ -13,12 +13,11 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from google.protobuf.message import DecodeError
-
 from dl_inference import __version__
-from dl_inference.errors import InvalidArgument, Unavailable, Unimplemented
+from dl_inference.errors import Unavailable, Unimplemented
 from dl_inference.protocol.generated import grpc_service_pb2 as pb
 from dl_inference.protocol.generated import model_config_pb2 as mc
+from dl_inference.protocol.tensors import decode_request
 from dl_inference.sharedmem.params import uses_shared_memory
 from dl_inference.sharedmem.registry import Region
 from dl_inference.stats import ModelStats, failure_reason
@@ -89,7 +88,7 @@ class DataPlane(abc.ABC):
 
         Here (a standalone worker): such a request is refused, since this endpoint keeps no regions.
         """
-        request = await parse_infer_request(payload)
+        request = await decode_request_off_loop(payload)
         if uses_shared_memory(request):
             raise Unimplemented(
                 "shared-memory tensors are not served by this endpoint: register regions with the gateway "
@@ -129,15 +128,8 @@ class DataPlane(abc.ABC):
 PARSE_OFF_LOOP_BYTES = 1 << 20  # larger requests are parsed on a thread: the loop serves others meanwhile
 
 
-async def parse_infer_request(payload: bytes) -> pb.ModelInferRequest:
-    """A serialized ModelInferRequest parsed (off the event loop when large); InvalidArgument if malformed."""
-
-    def parse() -> pb.ModelInferRequest:
-        try:
-            return pb.ModelInferRequest.FromString(payload)
-        except DecodeError as exc:
-            raise InvalidArgument(f"malformed ModelInferRequest: {exc}") from None
-
+async def decode_request_off_loop(payload: bytes) -> pb.ModelInferRequest:
+    """:func:`~dl_inference.protocol.tensors.decode_request`, on a thread when the request is large."""
     if len(payload) >= PARSE_OFF_LOOP_BYTES:
-        return await asyncio.to_thread(parse)
-    return parse()
+        return await asyncio.to_thread(decode_request, payload)
+    return decode_request(payload)

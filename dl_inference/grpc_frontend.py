@@ -141,10 +141,7 @@ def build_handler(dp: DataPlane, limiter: RateLimiter | None = None) -> grpc.Gen
     async def system_status(req: pb.SystemSharedMemoryStatusRequest, ctx: Any) -> pb.SystemSharedMemoryStatusResponse:
         out = pb.SystemSharedMemoryStatusResponse()
         for r in dp.shared_memory_status(SYSTEM, req.name):
-            loc = r.location
-            out.regions[r.name].CopyFrom(
-                out.RegionStatus(name=r.name, key=r.key, offset=loc.offset, byte_size=loc.byte_size)
-            )
+            out.regions[r.name].CopyFrom(out.RegionStatus(**r.status()))
         return out
 
     async def system_register(
@@ -162,10 +159,7 @@ def build_handler(dp: DataPlane, limiter: RateLimiter | None = None) -> grpc.Gen
     async def cuda_status(req: pb.CudaSharedMemoryStatusRequest, ctx: Any) -> pb.CudaSharedMemoryStatusResponse:
         out = pb.CudaSharedMemoryStatusResponse()
         for r in dp.shared_memory_status(CUDA, req.name):
-            loc = r.location
-            out.regions[r.name].CopyFrom(
-                out.RegionStatus(name=r.name, device_id=loc.device_id, byte_size=loc.byte_size)
-            )
+            out.regions[r.name].CopyFrom(out.RegionStatus(**r.status()))
         return out
 
     async def cuda_register(req: pb.CudaSharedMemoryRegisterRequest, ctx: Any) -> pb.CudaSharedMemoryRegisterResponse:

@@ -197,8 +197,6 @@ class PyTorchBackend(Backend):
                     f"model '{name}': input '{t.name}' is {dtype_name(t.data_type)}; PyTorch models take numeric "
                     f"tensors (turn BYTES into tensors in a handler.py)"
                 )
-        self.inputs = [(t.name, _TORCH_DTYPES[dtype_name(t.data_type)]) for t in config.input]
-        self.outputs = [(t.name, numpy_dtype(dtype_name(t.data_type))) for t in config.output]
 
         module = self._read(version_dir, config)
         if self.program_signature is not None and not config.input and not config.output:
@@ -206,8 +204,8 @@ class PyTorchBackend(Backend):
             # (the batch dimension is the first one when it is dynamic in every tensor).
             complete_io(completed, *self.program_signature, what="torch.export program")
             self.max_batch_size = completed.max_batch_size
-            self.inputs = [(t.name, _TORCH_DTYPES[dtype_name(t.data_type)]) for t in completed.input]
-            self.outputs = [(t.name, numpy_dtype(dtype_name(t.data_type))) for t in completed.output]
+        self.inputs = [(t.name, _TORCH_DTYPES[dtype_name(t.data_type)]) for t in completed.input]
+        self.outputs = [(t.name, numpy_dtype(dtype_name(t.data_type))) for t in completed.output]
         if self.format != "aoti":
             if self.format != "torch.export program":  # exported programs keep the mode they were exported in
                 module = module.eval()

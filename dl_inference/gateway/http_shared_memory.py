@@ -35,14 +35,8 @@ def add_shared_memory_routes(router: web.UrlDispatcher, frontend: HttpFrontend) 
 
     def status(kind: str) -> Any:
         async def handler(request: web.Request) -> web.Response:
-            out = []
-            for r in dp.shared_memory_status(kind, request.match_info.get("name", "")):
-                loc = r.location
-                if kind == SYSTEM:
-                    out.append({"name": r.name, "key": r.key, "offset": loc.offset, "byte_size": loc.byte_size})
-                else:
-                    out.append({"name": r.name, "device_id": loc.device_id, "byte_size": loc.byte_size})
-            return web.json_response(out)
+            regions = dp.shared_memory_status(kind, request.match_info.get("name", ""))
+            return web.json_response([r.status() for r in regions])
 
         return handler
 

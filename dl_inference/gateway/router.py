@@ -19,7 +19,7 @@ from dl_inference.balancer.balancer import Balancer
 from dl_inference.balancer.local import LocalEndpoint
 from dl_inference.balancer.remote import ANY_VERSION
 from dl_inference.config import ServerSettings
-from dl_inference.dataplane import EXTENSIONS, DataPlane, parse_infer_request
+from dl_inference.dataplane import EXTENSIONS, DataPlane, decode_request_off_loop
 from dl_inference.errors import (
     CODE_FROM_WIRE,
     Code,
@@ -456,7 +456,7 @@ class GatewayDataPlane(DataPlane):
 
     # -- shared memory ------------------------------------------------------------------------------
     async def infer_shared(self, payload: bytes, name: str, version: str, deadline: float | None = None) -> bytes:
-        request = await parse_infer_request(payload)
+        request = await decode_request_off_loop(payload)
         if not uses_shared_memory(request):
             return await self.infer(payload, name, version, deadline)
         extra, pinned = self.shared_memory.attach(request)

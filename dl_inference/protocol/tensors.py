@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from dl_inference.errors import InternalError, InvalidArgument
 from dl_inference.protocol.datatypes import V2_DATATYPES, datatype_of, numpy_dtype
@@ -31,7 +32,9 @@ __all__ = [
     "build_response",
     "check_unicode",
     "decode_inputs",
+    "decode_request",
     "deserialize_bytes_tensor",
+    "nonnegative_int",
     "raw_to_numpy",
     "response_to_numpy",
     "serialize_bytes_tensor",
@@ -277,6 +280,14 @@ def _has_contents(tensor: Any) -> bool:
     return tensor.HasField("contents") and bool(tensor.contents.ListFields())
 
 
+def decode_request(payload: bytes) -> pb.ModelInferRequest:
+    """A serialized ModelInferRequest parsed; InvalidArgument when it is not one."""
+    try:
+        return pb.ModelInferRequest.FromString(payload)
+    except DecodeError as exc:
+        raise InvalidArgument(f"malformed ModelInferRequest: {exc}") from None
+
+
 SHARED_MEMORY_REGION = "shared_memory_region"  # the tensor parameter of Triton's shared-memory extension
 
 # (input tensor, label) -> its bytes from shared memory, or None when it has no region
@@ -294,7 +305,7 @@ def decode_inputs(request: pb.ModelInferRequest, read_shared: SharedReader | Non
     """
     inputs = request.inputs
     raws = request.raw_input_contents
-    shared: dict[int, bytes | memoryview] = {}
+    shared: dict[int, Any] = {}  # bytes, a memoryview, or a device buffer
     for i, tensor in enumerate(inputs):
         if SHARED_MEMORY_REGION in tensor.parameters:
             label = f"input '{tensor.name}'"
@@ -388,6 +399,18 @@ def set_parameter(target: Any, key: str, value: ParameterValue, context: str = "
     else:
         del target[key]
         raise InvalidArgument(f"{context} '{key}': value must be a bool, number or string, got {type(value).__name__}")
+
+
+def nonnegative_int(param: pb.InferParameter, what: str) -> int:
+    """The value of an integer parameter (int64_param or uint64_param); InvalidArgument naming ``what``
+    (e.g. "request parameter 'timeout'") when it holds another type or a negative number."""
+    kind = param.WhichOneof("parameter_choice")
+    if kind not in ("int64_param", "uint64_param"):
+        raise InvalidArgument(f"{what} must be an integer, got {kind or 'nothing'}")
+    value = int(getattr(param, kind))
+    if value < 0:
+        raise InvalidArgument(f"{what} must not be negative, got {value}")
+    return value
 
 
 def check_unicode(text: str, what: str) -> None:

@@ -8,6 +8,7 @@ every tensor, so this walks the top-level fields and skips the rest.
 from __future__ import annotations
 
 from dl_inference.errors import InvalidArgument
+from dl_inference.sharedmem.params import LOCATIONS, REGION
 
 
 def _varint(buf: bytes, pos: int) -> tuple[int, int]:
@@ -28,7 +29,7 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
 
 # Shared-memory requests need the gateway's attention (region checks, locations); their markers can
 # only sit in the request's parameters (field 4), inputs (5) or requested outputs (6).
-_SHARED_MARKERS = (b"shared_memory_region", b"dl_inference_shm_locations")
+_SHARED_MARKERS = (REGION.encode(), LOCATIONS.encode())
 
 
 def route_fields(buf: bytes) -> tuple[str, str]:

@@ -145,13 +145,14 @@ class RegionMaps:
                 f"{label}: shared_memory_byte_size {ref.byte_size} of region '{name}' is too small: "
                 f"the output takes {nbytes} bytes"
             )
+        flat = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
         if loc.kind == CUDA:
-            self._cuda_regions().write(name, loc, ref.offset, np.ascontiguousarray(data).view(np.uint8).reshape(-1))
+            self._cuda_regions().write(name, loc, ref.offset, flat)
             return nbytes
         view = self._system_view(name, loc, TensorRef(ref.region, ref.offset, nbytes), label)
         if not self._system[loc.generation].writable:
             raise InvalidArgument(f"{label}: shared-memory region '{name}' is read-only to this server")
-        np.frombuffer(view, dtype=np.uint8)[:] = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+        np.frombuffer(view, dtype=np.uint8)[:] = flat
         return nbytes
 
     def _cuda_regions(self) -> Any:

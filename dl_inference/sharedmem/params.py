@@ -23,12 +23,12 @@ from typing import Any
 
 from dl_inference.errors import InvalidArgument
 from dl_inference.protocol.generated import grpc_service_pb2 as pb
+from dl_inference.protocol.tensors import SHARED_MEMORY_REGION, nonnegative_int
 
-REGION = "shared_memory_region"
+REGION = SHARED_MEMORY_REGION
 OFFSET = "shared_memory_offset"
 BYTE_SIZE = "shared_memory_byte_size"
 LOCATIONS = "dl_inference_shm_locations"  # reserved request parameter, gateway -> worker only
-PARAMETER_NAMES = (REGION, OFFSET, BYTE_SIZE)
 
 SYSTEM = "system"
 CUDA = "cuda"
@@ -41,16 +41,6 @@ class TensorRef:
     region: str
     offset: int
     byte_size: int
-
-
-def _int(param: pb.InferParameter, key: str, label: str) -> int:
-    kind = param.WhichOneof("parameter_choice")
-    if kind not in ("int64_param", "uint64_param"):
-        raise InvalidArgument(f"{label}: parameter '{key}' must be an integer (int64_param), got {kind or 'nothing'}")
-    value = int(getattr(param, kind))
-    if value < 0:
-        raise InvalidArgument(f"{label}: parameter '{key}' must not be negative, got {value}")
-    return value
 
 
 def tensor_ref(params: Mapping[str, pb.InferParameter], label: str) -> TensorRef | None:
@@ -69,8 +59,10 @@ def tensor_ref(params: Mapping[str, pb.InferParameter], label: str) -> TensorRef
         raise InvalidArgument(f"{label}: parameter '{REGION}' must be a non-empty string (string_param)")
     if BYTE_SIZE not in params:
         raise InvalidArgument(f"{label}: parameter '{BYTE_SIZE}' must be given with '{REGION}'")
-    offset = _int(params[OFFSET], OFFSET, label) if OFFSET in params else 0
-    return TensorRef(region.string_param, offset, _int(params[BYTE_SIZE], BYTE_SIZE, label))
+    offset = nonnegative_int(params[OFFSET], f"{label}: parameter '{OFFSET}'") if OFFSET in params else 0
+    return TensorRef(
+        region.string_param, offset, nonnegative_int(params[BYTE_SIZE], f"{label}: parameter '{BYTE_SIZE}'")
+    )
 
 
 def request_refs(request: pb.ModelInferRequest) -> dict[tuple[str, str], TensorRef]:

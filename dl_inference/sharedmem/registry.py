@@ -29,6 +29,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dl_inference.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from dl_inference.protocol.generated import grpc_service_pb2 as pb
@@ -65,6 +66,13 @@ class Region:
     device: int = 0  # st_dev of a system region's file (with location.inode: its identity)
     owner_uid: int = -1
     key: str = ""  # a system region's key as the client gave it
+
+    def status(self) -> dict[str, Any]:
+        """The region as Triton's status reports it (the fields of its RegionStatus message, both kinds)."""
+        loc = self.location
+        if loc.kind == SYSTEM:
+            return {"name": self.name, "key": self.key, "offset": loc.offset, "byte_size": loc.byte_size}
+        return {"name": self.name, "device_id": loc.device_id, "byte_size": loc.byte_size}
 
 
 class SharedMemoryRegistry:

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
-from google.protobuf.message import DecodeError
 
 from dl_inference.backends.base import Backend
 from dl_inference.errors import InternalError, InvalidArgument, NotFound, ServerError
@@ -21,7 +20,7 @@ from dl_inference.protocol.datatypes import datatype_of, numpy_dtype
 from dl_inference.protocol.generated import grpc_service_pb2 as pb
 from dl_inference.protocol.generated import model_config_pb2 as mc
 from dl_inference.protocol.model_info import dtype_name
-from dl_inference.protocol.tensors import SharedReader, build_response, decode_inputs
+from dl_inference.protocol.tensors import SharedReader, build_response, decode_inputs, decode_request, nonnegative_int
 from dl_inference.sharedmem.cuda import DeviceParts
 from dl_inference.sharedmem.mapping import HostPinning, RegionMaps
 from dl_inference.sharedmem.params import (
@@ -228,10 +227,7 @@ class ModelRunner:
 
     def _prepare(self, payload: bytes) -> Prepared:
         start = time.monotonic_ns()
-        try:
-            request = pb.ModelInferRequest.FromString(payload)
-        except DecodeError as exc:
-            raise InvalidArgument(f"malformed ModelInferRequest: {exc}") from None
+        request = decode_request(payload)
         if request.model_name and request.model_name != self.name:
             raise NotFound(f"unknown model '{request.model_name}' (this worker serves '{self.name}')")
         self._refuse_unimplemented(request)
@@ -471,11 +467,4 @@ def _int_parameter(request: pb.ModelInferRequest, key: str) -> int | None:
     """An integer request parameter (``priority``, ``timeout``), or None when absent."""
     if key not in request.parameters:
         return None
-    param = request.parameters[key]
-    kind = param.WhichOneof("parameter_choice")
-    if kind not in ("int64_param", "uint64_param"):
-        raise InvalidArgument(f"request parameter '{key}' must be an integer, got {kind or 'nothing'}")
-    value = int(getattr(param, kind))
-    if value < 0:
-        raise InvalidArgument(f"request parameter '{key}' must not be negative, got {value}")
-    return value
+    return nonnegative_int(request.parameters[key], f"request parameter '{key}'")
