@@ -141,19 +141,25 @@ class WorkerInstance:
             fut.set_result((kind, code, stats or ExecStats(), payload))
 
     async def ping(self, timeout: float) -> bool:
-        """True when the worker answers a PING within ``timeout`` seconds."""
+        """True when the worker answers a PING within ``timeout`` seconds, or its link moved meanwhile."""
         proto = self.proto
         if proto is None or not self.ready:
             return False
         rid = next(self._ids)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pings[rid] = fut
+        received, taken, backlog = proto.progress()
         try:
             if not proto.send(Kind.PING, rid, b"", urgent=True):
                 return False
             await asyncio.wait_for(fut, timeout)
             return True
-        except (TimeoutError, WorkerGone):
+        except TimeoutError:
+            # The PONG may be queued behind a large frame in either direction: a link that moved
+            # while we waited is a busy worker, not a hung one.
+            received2, taken2, _ = proto.progress()
+            return received2 > received or (backlog > 0 and taken2 > taken)
+        except WorkerGone:
             return False
         finally:
             self._pings.pop(rid, None)

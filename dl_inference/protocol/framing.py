@@ -106,12 +106,27 @@ class FrameProtocol(asyncio.Protocol):
         self._need = HEADER.size
         self._out: list[bytes] = []
         self._dispatching = False
+        self._received = 0  # bytes read from the peer
+        self._written = 0  # bytes handed to the transport
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not subclasses
 
+    def progress(self) -> tuple[int, int, int]:
+        """(bytes received, bytes the kernel has taken from us, bytes still waiting in our buffer).
+
+        A peer busy with a large frame cannot answer a ping queued behind it, yet it is alive: two
+        readings tell a slow transfer from a hung peer. Bytes received prove the peer writes; bytes
+        taken while our buffer was non-empty prove it reads (the kernel's buffer was full, so only
+        the peer's reads make room). Writes into a kernel buffer with room prove nothing.
+        """
+        transport = self.transport
+        backlog = transport.get_write_buffer_size() if transport is not None else 0
+        return self._received, self._written - backlog, backlog
+
     def data_received(self, data: bytes) -> None:
+        self._received += len(data)
         buf = self._buf
         buf += data
         if len(buf) < self._need:
@@ -179,9 +194,11 @@ class FrameProtocol(asyncio.Protocol):
         if len(payload) >= 65536:
             self.flush()
             transport.writelines((header, payload))
+            self._written += len(header) + len(payload)
             return True
         if urgent and not self._out and not self._dispatching:
             transport.write(header + payload)
+            self._written += len(header) + len(payload)
             return True
         if not self._out and not self._dispatching:
             asyncio.get_running_loop().call_soon(self.flush)
@@ -195,4 +212,6 @@ class FrameProtocol(asyncio.Protocol):
         self._out = []
         transport = self.transport
         if transport is not None and not transport.is_closing():
-            transport.write(out[0] if len(out) == 1 else b"".join(out))
+            data = out[0] if len(out) == 1 else b"".join(out)
+            transport.write(data)
+            self._written += len(data)

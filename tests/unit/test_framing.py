@@ -91,3 +91,67 @@ def test_stream_response_is_a_valid_message() -> None:
     assert msg.infer_response.model_name == "m" and not msg.error_message
     msg = pb.ModelStreamInferResponse.FromString(stream_response(None, "boom" * 100))
     assert msg.error_message == "boom" * 100 and not msg.HasField("infer_response")
+
+
+def test_ping_tells_a_busy_link_from_a_hung_worker() -> None:
+    """A PONG queued behind a large frame is late, not missing: a link that moves is a live worker."""
+    import threading
+    import time
+    from pathlib import Path
+
+    from dl_inference.gateway.workers import WorkerInstance, WorkerSpec
+    from dl_inference.protocol.framing import HEADER
+
+    async def main() -> None:
+        gw_sock, worker = socket.socketpair()
+        inst = WorkerInstance(WorkerSpec(Path("."), "m", 1, 0))
+        loop = asyncio.get_running_loop()
+        _, proto = await loop.create_connection(lambda: FrameProtocol(inst.on_frame, lambda e: None), sock=gw_sock)
+        inst.proto, inst.ready = proto, True
+
+        assert not await inst.ping(0.2)  # idle and silent: hung
+
+        proto.send(Kind.INFER, 1, b"x" * (32 << 20))
+        assert proto.progress()[2] > 0  # the kernel's buffer is full; the rest waits on our side
+        assert not await inst.ping(0.2)  # nobody reads it: hung
+
+        stop = threading.Event()
+
+        def read_slowly() -> None:
+            while not stop.is_set():
+                worker.recv(65536)
+                time.sleep(0.002)
+
+        reader = threading.Thread(target=read_slowly, daemon=True)
+        reader.start()
+        assert await inst.ping(0.2)  # the worker is taking the frame: busy, alive
+        stop.set()
+        reader.join()
+
+        worker.setblocking(False)
+        drained = 0
+        while drained < 20:  # take the whole frame, then go quiet again
+            try:
+                worker.recv(1 << 20)
+                drained = 0
+            except BlockingIOError:
+                drained += 1
+                await asyncio.sleep(0.005)
+        assert proto.progress()[2] == 0
+        assert not await inst.ping(0.2)
+
+        def write_slowly() -> None:  # a large RESULT frame trickling back: the worker writes, alive
+            worker.sendall(HEADER.pack(64 << 20, 5, int(Kind.RESULT), 0))
+            for _ in range(60):
+                worker.sendall(b"y" * 4096)
+                time.sleep(0.005)
+
+        writer = threading.Thread(target=write_slowly, daemon=True)
+        worker.setblocking(True)
+        writer.start()
+        assert await inst.ping(0.2)
+        writer.join()
+        proto.transport.close()
+        worker.close()
+
+    asyncio.run(main())
