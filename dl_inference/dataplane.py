@@ -13,11 +13,11 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from dl_inference import __version__
+from dl_inference import __version__, offload
 from dl_inference.errors import Unavailable, Unimplemented
 from dl_inference.protocol.generated import grpc_service_pb2 as pb
 from dl_inference.protocol.generated import model_config_pb2 as mc
-from dl_inference.protocol.tensors import decode_request
+from dl_inference.protocol.tensors import decode_request, known_fields_only
 from dl_inference.sharedmem.params import uses_shared_memory
 from dl_inference.sharedmem.registry import Region
 from dl_inference.stats import ModelStats, failure_reason
@@ -84,17 +84,18 @@ class DataPlane(abc.ABC):
         """
 
     async def infer_shared(self, payload: bytes, name: str, version: str, deadline: float | None = None) -> bytes:
-        """:meth:`infer` for a request that may name shared-memory regions (``peek_request`` said so).
+        """:meth:`infer` for a request that may name shared-memory regions, or was too long to peek at
+        (``peek_request`` said so): decoded in full, its own name and version count, not the peek's.
 
         Here (a standalone worker): such a request is refused, since this endpoint keeps no regions.
         """
-        request = await decode_request_off_loop(payload)
+        request, payload = await decode_request_off_loop(payload)
         if uses_shared_memory(request):
             raise Unimplemented(
                 "shared-memory tensors are not served by this endpoint: register regions with the gateway "
                 "on the same host and send the request there"
             )
-        return await self.infer(payload, name, version, deadline)
+        return await self.infer(payload, request.model_name, request.model_version, deadline)
 
     # -- Triton's shared-memory extensions (kind "system" or "cuda"; name "" = every region) ---------
     def register_system_shared_memory(self, name: str, key: str, offset: int, byte_size: int) -> None:
@@ -125,11 +126,12 @@ class DataPlane(abc.ABC):
         raise Unimplemented("this endpoint does not balance across endpoints")
 
 
-PARSE_OFF_LOOP_BYTES = 1 << 20  # larger requests are parsed on a thread: the loop serves others meanwhile
+async def decode_request_off_loop(payload: bytes) -> tuple[pb.ModelInferRequest, bytes]:
+    """:func:`~dl_inference.protocol.tensors.decode_request`, and the bytes to forward.
 
-
-async def decode_request_off_loop(payload: bytes) -> pb.ModelInferRequest:
-    """:func:`~dl_inference.protocol.tensors.decode_request`, on a thread when the request is large."""
-    if len(payload) >= PARSE_OFF_LOOP_BYTES:
-        return await asyncio.to_thread(decode_request, payload)
-    return decode_request(payload)
+    A large request is first cleaned of unknown fields in a helper process (:mod:`dl_inference.offload`),
+    so what is parsed here is memcpy-fast and what is forwarded is the cleaned request.
+    """
+    if len(payload) >= offload.OFFLOAD_BYTES:  # in a helper; what comes back has only known fields
+        payload, _ = await offload.call(known_fields_only, payload)
+    return decode_request(payload), payload

@@ -56,6 +56,9 @@ class ServerError(Exception):
         if code is not None:
             self.code = code
 
+    def __reduce__(self) -> tuple[type[ServerError], tuple[str, Code]]:  # keeps the code across processes
+        return type(self), (self.message, self.code)
+
     @property
     def message(self) -> str:
         return str(self.args[0]) if self.args else ""

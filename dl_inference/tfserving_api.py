@@ -9,6 +9,7 @@ under another signature); GetModelMetadata lists those names.
 
 from __future__ import annotations
 
+from dl_inference import offload
 from dl_inference.dataplane import DataPlane
 from dl_inference.errors import InvalidArgument, ServerError, Unimplemented
 from dl_inference.protocol.generated import grpc_service_pb2 as pb
@@ -23,7 +24,7 @@ from dl_inference.protocol.tfserving import (
     requested_version,
     status_response,
 )
-from dl_inference.protocol.tfserving_json import parse_predict_body, predict_json_to_infer, render_predict_response
+from dl_inference.protocol.tfserving_json import predict_body_to_infer, render_predict_body
 
 SIGNATURE_PARAMETER = "signature_name"  # model-config parameter naming a SavedModel's signature
 
@@ -62,11 +63,13 @@ class TfServingApi:
 
     async def predict_json(self, name: str, version: str, body: bytes, max_json_depth: int) -> bytes:
         """A REST ``:predict`` body in, the answer body out (row or columnar, as asked)."""
-        parsed = parse_predict_body(body, max_json_depth)
-        self.signature(name, version, parsed.signature_name)
-        infer = predict_json_to_infer(parsed, self.dp.model_metadata(name, version), name, version)
-        reply = await self.dp.infer(infer.SerializeToString(), name, version)
-        return render_predict_response(pb.ModelInferResponse.FromString(reply), parsed.row)
+        metadata = self.dp.model_metadata(name, version).SerializeToString()
+        payload, (signature, row) = await offload.call(
+            predict_body_to_infer, body, max_json_depth, metadata, name, version
+        )
+        self.signature(name, version, signature)
+        reply = await self.dp.infer(payload, name, version)
+        return (await offload.call(render_predict_body, reply, row))[0]
 
     # -- metadata -------------------------------------------------------------------------------
     def _served_version(self, name: str, version: str, versions: list[str]) -> str:

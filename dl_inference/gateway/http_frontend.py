@@ -15,13 +15,13 @@ from typing import Any
 
 from aiohttp import http_exceptions, http_parser, web, web_protocol
 
+from dl_inference import offload
 from dl_inference.dataplane import DataPlane
 from dl_inference.errors import InvalidArgument, ServerError
 from dl_inference.gateway.http_shared_memory import add_shared_memory_routes
 from dl_inference.gateway.tfserving_http import add_tfserving_routes
 from dl_inference.protocol.datatypes import element_size
-from dl_inference.protocol.generated import grpc_service_pb2 as pb
-from dl_inference.protocol.http_codec import parse_infer_request, render_error, render_infer_response
+from dl_inference.protocol.http_codec import json_object, parse_infer_body, render_error, render_infer_body
 from dl_inference.protocol.jsonview import to_json
 from dl_inference.security import (
     AccessPolicy,
@@ -32,7 +32,6 @@ from dl_inference.security import (
     http_role,
     token_from_headers,
 )
-from dl_inference.sharedmem.params import uses_shared_memory
 
 log = logging.getLogger(__name__)
 
@@ -297,13 +296,7 @@ class HttpFrontend:
         body = await self._read_body(request)
         if not body:
             return {}
-        try:
-            data = json.loads(body)
-        except (ValueError, RecursionError) as exc:
-            raise InvalidArgument(f"malformed JSON body: {exc}") from None
-        if not isinstance(data, dict):
-            raise InvalidArgument("request body must be a JSON object")
-        return data
+        return (await offload.call(json_object, body))[1]
 
     async def repository_index(self, request: web.Request) -> web.Response:
         data = await self._body_json(request)
@@ -371,20 +364,21 @@ class HttpFrontend:
                 raise InvalidArgument(f"{HEADER_LENGTH} {header_length} is outside the body's {len(body)} bytes")
             if header_length == 0:
                 raw_input = self._raw_input(name, version, len(body))
-        infer_request, policy = parse_infer_request(
-            body, header_length, name, version, self.max_json_depth, raw_input=raw_input
-        )
+        # A large JSON part is parsed in a helper process (see offload): C parsers hold the GIL.
+        payload, extras = await offload.call(
+            parse_infer_body, body, header_length, name, version, self.max_json_depth, raw_input,
+            cost=len(body) if header_length is None else header_length,
+        )  # fmt: skip
         deadline = None
-        if "timeout" in infer_request.parameters:  # Triton's request timeout, in microseconds
-            timeout_us = infer_request.parameters["timeout"].int64_param
-            if timeout_us > 0:
-                deadline = time.monotonic() + timeout_us / 1e6
-        payload = infer_request.SerializeToString()
-        if uses_shared_memory(infer_request):
-            reply = await self.dp.infer_shared(payload, name, version, deadline)
-        else:
-            reply = await self.dp.infer(payload, name, version, deadline)
-        out_body, json_length = render_infer_response(pb.ModelInferResponse.FromString(reply), policy)
+        if extras.timeout_us > 0:  # Triton's request timeout, in microseconds
+            deadline = time.monotonic() + extras.timeout_us / 1e6
+        infer = self.dp.infer_shared if extras.shared else self.dp.infer
+        reply = await infer(payload, name, version, deadline)
+        policy = extras.policy
+        all_binary = policy.binary_data_output and all(policy.binary_outputs.values())
+        out_body, json_length = await offload.call(
+            render_infer_body, reply, policy, cost=0 if all_binary else len(reply)
+        )
         if json_length is None:
             return web.Response(body=out_body, content_type="application/json")
         return web.Response(

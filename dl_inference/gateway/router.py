@@ -456,7 +456,8 @@ class GatewayDataPlane(DataPlane):
 
     # -- shared memory ------------------------------------------------------------------------------
     async def infer_shared(self, payload: bytes, name: str, version: str, deadline: float | None = None) -> bytes:
-        request = await decode_request_off_loop(payload)
+        request, payload = await decode_request_off_loop(payload)
+        name, version = request.model_name, request.model_version  # the full decode's word, not the peek's
         if not uses_shared_memory(request):
             return await self.infer(payload, name, version, deadline)
         extra, pinned = self.shared_memory.attach(request)

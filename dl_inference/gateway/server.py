@@ -9,6 +9,7 @@ import signal
 
 from aiohttp import web
 
+from dl_inference import offload
 from dl_inference.config import ServerSettings
 from dl_inference.gateway.http_frontend import HttpFrontend, metrics_app
 from dl_inference.gateway.router import GatewayDataPlane
@@ -111,4 +112,5 @@ async def serve(settings: ServerSettings) -> int:
     left = await grpc_server.drain(grace)
     await asyncio.gather(grpc_server.stop(grace=left), *(runner.cleanup() for runner in runners))
     await dp.close()
+    offload.shutdown()
     return 0

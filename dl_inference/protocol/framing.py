@@ -19,6 +19,7 @@ Frame = header ``<IQBB2x`` (payload length, request id, kind, error code) + payl
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
 import logging
 import struct
@@ -36,6 +37,11 @@ HEADER = struct.Struct("<IQBB2x")
 STATS = struct.Struct("<QQQQIIB3x")
 TOKEN_LEN = struct.Struct("<H")
 MAX_PAYLOAD = 0xFFFFFFFF
+# Payloads from this size on are written a chunk at a time as the socket drains (pause_writing /
+# resume_writing), never handed to the transport whole: a transport that buffers 90 MB copies it in one
+# go with the GIL held, and every other request on the loop waits.
+STREAM_FROM = 1 << 20
+CHUNK = 256 << 10
 
 
 class Kind(enum.IntEnum):
@@ -108,6 +114,9 @@ class FrameProtocol(asyncio.Protocol):
         self._dispatching = False
         self._received = 0  # bytes read from the peer
         self._written = 0  # bytes handed to the transport
+        self._streaming: collections.deque[memoryview] = collections.deque()  # waits for the socket to drain
+        self._streaming_bytes = 0
+        self._paused = False
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -122,8 +131,37 @@ class FrameProtocol(asyncio.Protocol):
         the peer's reads make room). Writes into a kernel buffer with room prove nothing.
         """
         transport = self.transport
-        backlog = transport.get_write_buffer_size() if transport is not None else 0
-        return self._received, self._written - backlog, backlog
+        buffered = transport.get_write_buffer_size() if transport is not None else 0
+        return self._received, self._written - buffered, buffered + self._streaming_bytes
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._pump()
+
+    def _stream(self, data: bytes) -> None:
+        """Queue bytes behind the large frame being streamed (whole frames keep their order)."""
+        self._streaming.append(memoryview(data))
+        self._streaming_bytes += len(data)
+
+    def _pump(self) -> None:
+        streaming = self._streaming
+        while streaming and not self._paused:
+            transport = self.transport
+            if transport is None or transport.is_closing():
+                streaming.clear()
+                self._streaming_bytes = 0
+                return
+            head = streaming[0]
+            if len(head) > CHUNK:
+                chunk, streaming[0] = head[:CHUNK], head[CHUNK:]
+            else:
+                chunk = streaming.popleft()
+            self._streaming_bytes -= len(chunk)
+            self._written += len(chunk)
+            transport.write(chunk)  # may pause us at once
 
     def data_received(self, data: bytes) -> None:
         self._received += len(data)
@@ -167,6 +205,8 @@ class FrameProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self._streaming.clear()
+        self._streaming_bytes = 0
         self.on_lost(exc)
 
     def send(
@@ -191,12 +231,18 @@ class FrameProtocol(asyncio.Protocol):
         if kind in _WITH_STATS:
             prefix = (stats or ExecStats()).pack()
         header = HEADER.pack(len(prefix) + len(payload), rid, int(kind), code) + prefix
+        if len(payload) >= STREAM_FROM or (self._streaming and len(payload) >= 65536):
+            self.flush()
+            self._stream(header)
+            self._stream(payload)
+            self._pump()
+            return True
         if len(payload) >= 65536:
             self.flush()
             transport.writelines((header, payload))
             self._written += len(header) + len(payload)
             return True
-        if urgent and not self._out and not self._dispatching:
+        if urgent and not self._out and not self._dispatching and not self._streaming:
             transport.write(header + payload)
             self._written += len(header) + len(payload)
             return True
@@ -213,5 +259,9 @@ class FrameProtocol(asyncio.Protocol):
         transport = self.transport
         if transport is not None and not transport.is_closing():
             data = out[0] if len(out) == 1 else b"".join(out)
+            if self._streaming:  # behind the frame being streamed
+                self._stream(data)
+                self._pump()
+                return
             transport.write(data)
             self._written += len(data)

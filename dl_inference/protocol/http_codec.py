@@ -51,6 +51,7 @@ from dl_inference.protocol.tensors import (
     set_parameter,
     tensor_to_raw,
 )
+from dl_inference.sharedmem.params import uses_shared_memory
 
 __all__ = [
     "OutputPolicy",
@@ -522,6 +523,46 @@ def parse_infer_request(
                     policy.binary_outputs[name] = binary_flag
                 json_to_parameters(out_params, out.parameters, f"{label} parameter")
     return request, policy
+
+
+def json_object(body: bytes) -> tuple[bytes, dict[str, Any]]:
+    """A request body that must be one JSON object, as ``(b"", the object)`` (the form
+    :func:`dl_inference.offload.call` takes); InvalidArgument saying what is wrong otherwise."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidArgument(f"malformed JSON body: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidArgument("request body must be a JSON object")
+    return b"", data
+
+
+@dataclass(frozen=True)
+class InferExtras:
+    """What the data plane needs beside the serialized request of an HTTP infer body."""
+
+    policy: OutputPolicy
+    shared: bool  # names shared-memory regions
+    timeout_us: int  # Triton's request "timeout" parameter; 0: none
+
+
+def parse_infer_body(
+    body: bytes,
+    header_length: int | None,
+    model_name: str,
+    model_version: str,
+    max_json_depth: int = 64,
+    raw_input: tuple[str, str, list[int]] | None = None,
+) -> tuple[bytes, InferExtras]:
+    """:func:`parse_infer_request`, serialized: the form :func:`dl_inference.offload.call` takes."""
+    request, policy = parse_infer_request(body, header_length, model_name, model_version, max_json_depth, raw_input)
+    timeout_us = request.parameters["timeout"].int64_param if "timeout" in request.parameters else 0
+    return request.SerializeToString(), InferExtras(policy, uses_shared_memory(request), timeout_us)
+
+
+def render_infer_body(reply: bytes, policy: OutputPolicy) -> tuple[bytes, int | None]:
+    """:func:`render_infer_response` of a serialized response (the :func:`~dl_inference.offload.call` form)."""
+    return render_infer_response(pb.ModelInferResponse.FromString(reply), policy)
 
 
 def _check_binary_size(nbytes: int, datatype: str, shape: list[int], label: str) -> None:

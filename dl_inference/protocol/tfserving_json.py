@@ -37,7 +37,10 @@ from dl_inference.protocol.generated import grpc_service_pb2 as pb
 from dl_inference.protocol.http_codec import _json_numeric, _json_type, _load_json, _short
 from dl_inference.protocol.tensors import _element_count, check_unicode, response_to_numpy, serialize_bytes_tensor
 
-__all__ = ["PredictBody", "parse_predict_body", "predict_json_to_infer", "render_predict_response"]
+__all__ = [
+    "PredictBody", "parse_predict_body", "predict_body_to_infer", "predict_json_to_infer",
+    "render_predict_body", "render_predict_response",
+]  # fmt: skip
 
 
 @dataclass
@@ -191,6 +194,16 @@ def predict_json_to_infer(
     return request
 
 
+def predict_body_to_infer(
+    body: bytes, max_json_depth: int, metadata: bytes, model: str, version: str
+) -> tuple[bytes, tuple[str, bool]]:
+    """Parse a ``:predict`` body into ``(serialized V2 request, (signature name, row form))``, given the
+    model's serialized V2 metadata (the form :func:`dl_inference.offload.call` takes)."""
+    parsed = parse_predict_body(body, max_json_depth)
+    request = predict_json_to_infer(parsed, pb.ModelMetadataResponse.FromString(metadata), model, version)
+    return request.SerializeToString(), (parsed.signature_name, parsed.row)
+
+
 # --------------------------------------------------------------------------------------------------
 # response
 # --------------------------------------------------------------------------------------------------
@@ -255,3 +268,8 @@ def render_predict_response(response: pb.ModelInferResponse, row: bool) -> bytes
     else:
         predictions = [{name: value[i] for name, value in values.items()} for i in range(count)]
     return _dumps({"predictions": predictions}, finite)
+
+
+def render_predict_body(reply: bytes, row: bool) -> tuple[bytes, None]:
+    """:func:`render_predict_response` of a serialized V2 response (the offload form)."""
+    return render_predict_response(pb.ModelInferResponse.FromString(reply), row), None

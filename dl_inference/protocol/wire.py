@@ -38,18 +38,34 @@ def route_fields(buf: bytes) -> tuple[str, str]:
     return name, version
 
 
-def peek_request(buf: bytes) -> tuple[str, str, bool]:
+# Fields walked in Python before the rest is left to the worker's full decode. A request has a few
+# scalars plus one field per parameter, input, output and raw tensor: thousands is already unusual,
+# while a request made of millions of tiny unknown fields would hold the event loop for seconds.
+MAX_PEEK_FIELDS = 4096
+
+
+def peek_request(buf: bytes, max_fields: int = MAX_PEEK_FIELDS) -> tuple[str, str, bool]:
     """(model_name, model_version, may use shared memory) of a serialized ModelInferRequest.
 
     The flag is True when the parameters, inputs or outputs contain a shared-memory marker; it may
     be a false alarm (a tensor named so), never a miss, so a True request is parsed to be sure.
+
+    At most ``max_fields`` top-level fields are walked (every protobuf writer puts ``model_name``
+    first): a longer request is flagged too, so it takes the careful path, where a helper process
+    decodes it in full (the rest is not even searched here: ``bytes.find`` over 90 MB holds the GIL
+    for a tenth of a second or more).
     """
     name = b""
     version = b""
     shared = False
     pos = 0
     end = len(buf)
+    walked = 0
     while pos < end:
+        if walked == max_fields:
+            shared = True
+            break
+        walked += 1
         tag, pos = _varint(buf, pos)
         field, wire_type = tag >> 3, tag & 7
         if wire_type == 2:

@@ -230,6 +230,11 @@ class ModelRunner:
         request = decode_request(payload)
         if request.model_name and request.model_name != self.name:
             raise NotFound(f"unknown model '{request.model_name}' (this worker serves '{self.name}')")
+        if request.model_version and request.model_version != str(self.version):
+            raise NotFound(
+                f"model '{self.name}' version {request.model_version} is not served here "
+                f"(this worker serves version {self.version})"
+            )
         self._refuse_unimplemented(request)
         rows = self._check_inputs(request)
         output_names = self._requested_outputs(request)

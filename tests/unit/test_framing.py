@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 
 import pytest
 
@@ -85,6 +86,27 @@ def test_route_fields_reads_name_and_version_only() -> None:
             route_fields(bad)
 
 
+def test_peek_walks_a_bounded_number_of_fields() -> None:
+    """Past MAX_PEEK_FIELDS the walk stops and flags the request for the full decode (in a helper):
+    millions of tiny unknown fields cannot keep the event loop busy."""
+    from dl_inference.protocol.wire import MAX_PEEK_FIELDS, peek_request
+
+    req = pb.ModelInferRequest(model_name="m", model_version="2")
+    for i in range(MAX_PEEK_FIELDS - 3):
+        req.inputs.add(name=f"x{i}", datatype="FP32", shape=[1])
+    ok = req.SerializeToString()
+    assert peek_request(ok) == ("m", "2", False)  # MAX_PEEK_FIELDS - 1 fields: walked to the end
+    unknown = bytes([15 << 3, 1])  # field 15, varint 1
+    assert peek_request(ok + unknown) == ("m", "2", False)  # exactly MAX_PEEK_FIELDS
+    assert peek_request(ok + unknown * 2) == ("m", "2", True)  # one more: the careful path
+    huge = pb.ModelInferRequest(model_name="m").SerializeToString() + unknown * 5_000_000
+    t = time.perf_counter()
+    assert peek_request(huge) == ("m", "", True)
+    assert time.perf_counter() - t < 0.5  # walking 5 million fields in Python takes seconds
+    # A name hidden after the budget is not the peek's to find: the full decode has the last word.
+    assert peek_request(huge + pb.ModelInferRequest(model_name="other").SerializeToString())[:2] == ("m", "")
+
+
 def test_stream_response_is_a_valid_message() -> None:
     inner = pb.ModelInferResponse(model_name="m", id="1").SerializeToString()
     msg = pb.ModelStreamInferResponse.FromString(stream_response(inner, ""))
@@ -153,5 +175,34 @@ def test_ping_tells_a_busy_link_from_a_hung_worker() -> None:
         writer.join()
         proto.transport.close()
         worker.close()
+
+    asyncio.run(main())
+
+
+def test_large_frames_stream_in_order_with_small_ones_behind_them() -> None:
+    """Frames from STREAM_FROM on go a chunk at a time as the socket drains; frames sent meanwhile
+    (small, urgent, mid-sized) follow them whole and in order."""
+    from dl_inference.protocol.framing import STREAM_FROM
+
+    async def main() -> None:
+        a, _b, _, got_b = await _pair()
+        big = bytes(range(256)) * (3 * STREAM_FROM // 256 + 7)
+        mid = b"m" * 100_000
+        a.send(Kind.INFER, 1, b"first")
+        a.send(Kind.INFER, 2, big)
+        assert a.progress()[2] > 0  # not all of it is with the transport yet
+        a.send(Kind.PING, 3, b"", urgent=True)
+        a.send(Kind.INFER, 4, mid)
+        a.send(Kind.RESULT, 5, big[::-1], stats=ExecStats())
+        a.send(Kind.CANCEL, 6, b"")
+        for _ in range(500):
+            if len(got_b) == 6:
+                break
+            await asyncio.sleep(0.01)
+        assert [(k, rid) for k, rid, *_ in got_b] == [
+            (Kind.INFER, 1), (Kind.INFER, 2), (Kind.PING, 3), (Kind.INFER, 4), (Kind.RESULT, 5), (Kind.CANCEL, 6)
+        ]  # fmt: skip
+        assert got_b[1][4] == big and got_b[3][4] == mid and got_b[4][4] == big[::-1]
+        assert a.progress()[2] == 0
 
     asyncio.run(main())
