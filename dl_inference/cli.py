@@ -12,8 +12,8 @@ from dl_inference import __version__
 
 
 def _setup_logging(level: str) -> None:
-    worker = os.environ.get("DL_INFERENCE_WORKER")
-    who = f"worker {worker}" if worker else "gateway"
+    worker, frontend = os.environ.get("DL_INFERENCE_WORKER"), os.environ.get("DL_INFERENCE_FRONTEND")
+    who = f"worker {worker}" if worker else f"frontend {frontend}" if frontend else "gateway"
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
         format=f"%(asctime)s %(levelname)s [{who}] %(name)s: %(message)s",
@@ -72,8 +72,14 @@ def _parser() -> argparse.ArgumentParser:
         help="a Python interpreter for the workers of models whose config says worker_environment: NAME "
         "(repeatable; adds to or replaces by name the config's worker_environments)",
     )  # fmt: skip
+    s.add_argument(
+        "--frontends", type=int, help="processes serving the gRPC and HTTP ports (default 1; Linux SO_REUSEPORT)"
+    )
     s.add_argument("--config", help="server settings YAML (flags override it)")
 
+    f = sub.add_parser("frontend", parents=[common])  # started by `serve --frontends N`; no help: internal
+    f.add_argument("--control", required=True)
+    f.add_argument("--index", type=int, required=True)
     from dl_inference.worker.main import add_arguments
 
     w = sub.add_parser("worker", parents=[common], help="serve one model instance (standalone: V2 gRPC on --grpc-port)")
@@ -249,6 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "convert":
         _setup_logging(args.log_level or "INFO")
         return _convert(args)
+    if args.command == "frontend":
+        _setup_logging(args.log_level or "INFO")
+        from dl_inference.eventloop import run
+        from dl_inference.gateway.frontends import run_frontend
+
+        return run(run_frontend(args.control, args.index))
     if args.command == "make-examples":
         _setup_logging(args.log_level or "INFO")
         from dl_inference.examples import make_example_repository
@@ -268,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         for k in (
             "model_repository", "http_port", "grpc_port", "metrics_port", "host", "model_control_mode",
             "load_models", "repository_poll_secs", "max_request_bytes", "max_inflight_requests", "nodes", "node_file",
-            "control_api", "control_port",
+            "control_api", "control_port", "frontends",
         )
     }  # fmt: skip
     overrides["log_level"] = args.log_level

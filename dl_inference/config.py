@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,9 @@ class ServerSettings:
     load_timeout_s: float = 600.0
     stop_grace_s: float = 10.0
     log_level: str = "INFO"
+    # Frontend processes serving the gRPC and HTTP ports (SO_REUSEPORT); 1: the gateway process alone.
+    # See dl_inference/gateway/frontends.py.
+    frontends: int = 1
     # remote nodes and balancing (see dl_inference/balancer/settings.py and the README)
     nodes: list[Any] = field(default_factory=list)  # "host:port[@weight]" or {address, weight, models}
     node_file: str = ""
@@ -125,6 +129,13 @@ class ServerSettings:
             raise InvalidArgument("max_inflight_requests must be >= 0 (0: no limit)")
         if self.shared_memory_sweep_s < 0:
             raise InvalidArgument("shared_memory_sweep_s must be >= 0 (0: never)")
+        if not isinstance(self.frontends, int) or self.frontends < 1:
+            raise InvalidArgument(f"frontends must be a whole number >= 1, got {self.frontends!r}")
+        if self.frontends > 1:
+            if not hasattr(socket, "SO_REUSEPORT"):
+                raise InvalidArgument("frontends > 1 needs SO_REUSEPORT, which this platform lacks; use 1")
+            if not self.http_port or not self.grpc_port:
+                raise InvalidArgument("frontends > 1 needs fixed --http-port and --grpc-port (not 0)")
         if self.grpc_max_pending_calls < 1:
             raise InvalidArgument("grpc_max_pending_calls must be >= 1")
         if self.max_tensor_elements < 0 or self.max_bytes_element < 0:

@@ -74,7 +74,7 @@ class DataPlane(abc.ABC):
     def model_config(self, name: str, version: str) -> mc.ModelConfig: ...
 
     @abc.abstractmethod
-    def model_statistics(self, name: str, version: str) -> pb.ModelStatisticsResponse: ...
+    async def model_statistics(self, name: str, version: str) -> pb.ModelStatisticsResponse: ...
 
     @abc.abstractmethod
     async def infer(self, payload: bytes, name: str, version: str, deadline: float | None = None) -> bytes:
@@ -98,16 +98,16 @@ class DataPlane(abc.ABC):
         return await self.infer(payload, request.model_name, request.model_version, deadline)
 
     # -- Triton's shared-memory extensions (kind "system" or "cuda"; name "" = every region) ---------
-    def register_system_shared_memory(self, name: str, key: str, offset: int, byte_size: int) -> None:
+    async def register_system_shared_memory(self, name: str, key: str, offset: int, byte_size: int) -> None:
         raise Unimplemented("this endpoint does not serve shared memory")
 
-    def register_cuda_shared_memory(self, name: str, raw_handle: bytes, device_id: int, byte_size: int) -> None:
+    async def register_cuda_shared_memory(self, name: str, raw_handle: bytes, device_id: int, byte_size: int) -> None:
         raise Unimplemented("this endpoint does not serve shared memory")
 
-    def unregister_shared_memory(self, kind: str, name: str) -> None:
+    async def unregister_shared_memory(self, kind: str, name: str) -> None:
         raise Unimplemented("this endpoint does not serve shared memory")
 
-    def shared_memory_status(self, kind: str, name: str) -> list[Region]:
+    async def shared_memory_status(self, kind: str, name: str) -> list[Region]:
         raise Unimplemented("this endpoint does not serve shared memory")
 
     async def repository_index(self, ready_only: bool) -> pb.RepositoryIndexResponse:
@@ -119,10 +119,10 @@ class DataPlane(abc.ABC):
     async def unload_model(self, name: str) -> None:
         raise Unimplemented("this endpoint cannot unload models")
 
-    def metrics_text(self) -> str:
+    async def metrics_text(self) -> str:
         return ""
 
-    def endpoint_table(self) -> dict[str, Any]:
+    async def endpoint_table(self) -> dict[str, Any]:
         raise Unimplemented("this endpoint does not balance across endpoints")
 
 

@@ -105,7 +105,7 @@ def build_handler(dp: DataPlane, limiter: RateLimiter | None = None) -> grpc.Gen
         return pb.ModelConfigResponse(config=dp.model_config(req.name, req.version))
 
     async def model_statistics(req: pb.ModelStatisticsRequest, ctx: Any) -> pb.ModelStatisticsResponse:
-        return dp.model_statistics(req.name, req.version)
+        return await dp.model_statistics(req.name, req.version)
 
     async def model_infer(payload: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
         _limit(limiter, ctx)
@@ -140,36 +140,36 @@ def build_handler(dp: DataPlane, limiter: RateLimiter | None = None) -> grpc.Gen
 
     async def system_status(req: pb.SystemSharedMemoryStatusRequest, ctx: Any) -> pb.SystemSharedMemoryStatusResponse:
         out = pb.SystemSharedMemoryStatusResponse()
-        for r in dp.shared_memory_status(SYSTEM, req.name):
+        for r in await dp.shared_memory_status(SYSTEM, req.name):
             out.regions[r.name].CopyFrom(out.RegionStatus(**r.status()))
         return out
 
     async def system_register(
         req: pb.SystemSharedMemoryRegisterRequest, ctx: Any
     ) -> pb.SystemSharedMemoryRegisterResponse:
-        dp.register_system_shared_memory(req.name, req.key, req.offset, req.byte_size)
+        await dp.register_system_shared_memory(req.name, req.key, req.offset, req.byte_size)
         return pb.SystemSharedMemoryRegisterResponse()
 
     async def system_unregister(
         req: pb.SystemSharedMemoryUnregisterRequest, ctx: Any
     ) -> pb.SystemSharedMemoryUnregisterResponse:
-        dp.unregister_shared_memory(SYSTEM, req.name)
+        await dp.unregister_shared_memory(SYSTEM, req.name)
         return pb.SystemSharedMemoryUnregisterResponse()
 
     async def cuda_status(req: pb.CudaSharedMemoryStatusRequest, ctx: Any) -> pb.CudaSharedMemoryStatusResponse:
         out = pb.CudaSharedMemoryStatusResponse()
-        for r in dp.shared_memory_status(CUDA, req.name):
+        for r in await dp.shared_memory_status(CUDA, req.name):
             out.regions[r.name].CopyFrom(out.RegionStatus(**r.status()))
         return out
 
     async def cuda_register(req: pb.CudaSharedMemoryRegisterRequest, ctx: Any) -> pb.CudaSharedMemoryRegisterResponse:
-        dp.register_cuda_shared_memory(req.name, req.raw_handle, req.device_id, req.byte_size)
+        await dp.register_cuda_shared_memory(req.name, req.raw_handle, req.device_id, req.byte_size)
         return pb.CudaSharedMemoryRegisterResponse()
 
     async def cuda_unregister(
         req: pb.CudaSharedMemoryUnregisterRequest, ctx: Any
     ) -> pb.CudaSharedMemoryUnregisterResponse:
-        dp.unregister_shared_memory(CUDA, req.name)
+        await dp.unregister_shared_memory(CUDA, req.name)
         return pb.CudaSharedMemoryUnregisterResponse()
 
     handlers: dict[str, grpc.RpcMethodHandler] = {
@@ -263,12 +263,13 @@ class GrpcServer:
         tls: TlsSettings | None = None,
         rate_limiter: RateLimiter | None = None,
         max_pending_calls: int = GRPC_MAX_PENDING_CALLS,
+        reuse_port: bool = False,
     ) -> None:
         self.dp = dp
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", -1),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if reuse_port else 0),  # on only for several frontends on one port
             # Calls wait in gRPC core until the event loop takes them up; above this many it drops new ones
             # as CANCELLED, which the client did not cause. Overload is the model queues' job
             # (RESOURCE_EXHAUSTED, with a message), so keep gRPC's own queue out of the way.

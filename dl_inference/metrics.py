@@ -107,3 +107,19 @@ def render_balancer_metrics(balancer: Balancer, sets: dict[str, list[Endpoint]])
         metric = f"dl_inference_balancer_{key}_total"
         lines += [f"# HELP {metric} Balancer {key.replace('_', ' ')}", f"# TYPE {metric} counter", f"{metric} {count}"]
     return "\n".join(lines) + "\n"
+
+
+def render_frontend_metrics(frontends: list[dict[str, Any]]) -> str:
+    """Per frontend process (``serve --frontends N``): up, requests taken up, starts."""
+    lines = [
+        "# HELP dl_inference_frontend_up 1 while the frontend process serves (0: restarting)",
+        "# TYPE dl_inference_frontend_up gauge",
+        *(f'dl_inference_frontend_up{{frontend="{f["frontend"]}"}} {int(f["up"])}' for f in frontends),
+        "# HELP dl_inference_frontend_requests_total Inference requests this frontend took up (as of its last count)",
+        "# TYPE dl_inference_frontend_requests_total counter",
+        *(f'dl_inference_frontend_requests_total{{frontend="{f["frontend"]}"}} {f["requests"]}' for f in frontends),
+        "# HELP dl_inference_frontend_starts_total Times the frontend process was started",
+        "# TYPE dl_inference_frontend_starts_total counter",
+        *(f'dl_inference_frontend_starts_total{{frontend="{f["frontend"]}"}} {f["starts"]}' for f in frontends),
+    ]
+    return "\n".join(lines) + "\n"

@@ -84,6 +84,30 @@ class ModelStats:
         self.failures_by_reason[reason] = self.failures_by_reason.get(reason, 0) + 1
         self.last_inference_ms = time.time_ns() // 1_000_000
 
+    def merged(self, others: list[ModelStats]) -> ModelStats:
+        """These counters plus ``others``' (several frontends' shares of one model version)."""
+        if not others:
+            return self
+        out = ModelStats(inference_count=self.inference_count, execution_count=self.execution_count,
+                         last_inference_ms=self.last_inference_ms, pending=self.pending,
+                         failures_by_reason=dict(self.failures_by_reason))  # fmt: skip
+        for part in (self, *others):
+            for name in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
+                mine, theirs = getattr(out, name), getattr(part, name)
+                mine.add(theirs.ns, theirs.count)
+            for size, batch in part.batches.items():
+                into = out.batches.setdefault(size, BatchDurations())
+                for name in ("compute_input", "compute_infer", "compute_output"):
+                    getattr(into, name).add(getattr(batch, name).ns, getattr(batch, name).count)
+        for part in others:
+            out.inference_count += part.inference_count
+            out.execution_count += part.execution_count
+            out.last_inference_ms = max(out.last_inference_ms, part.last_inference_ms)
+            out.pending += part.pending
+            for reason, count in part.failures_by_reason.items():
+                out.failures_by_reason[reason] = out.failures_by_reason.get(reason, 0) + count
+        return out
+
     def to_proto(self, name: str, version: str) -> pb.ModelStatistics:
         out = pb.ModelStatistics(
             name=name,

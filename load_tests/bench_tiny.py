@@ -163,18 +163,28 @@ def wait_ready(server: Server, timeout: float, models: tuple[str, ...] = (MODEL,
             time.sleep(0.2)
 
 
-def run_loadgen(url: str, protocol: str, concurrency: int, duration: float, warmup: float, out: Path) -> dict[str, Any]:
+def run_loadgen(
+    url: str,
+    protocol: str,
+    concurrency: int,
+    duration: float,
+    warmup: float,
+    out: Path,
+    model: str = MODEL,
+    extra: tuple[str, ...] = (),
+) -> dict[str, Any]:
     """One loadgen run in a fresh process; its report. BenchError if it could not run at all."""
     cmd = [
         sys.executable,
         "-m",
         "load_tests.loadgen",
+        *extra,
         "--url",
         url,
         "--protocol",
         protocol,
         "--model",
-        MODEL,
+        model,
         "--concurrency",
         str(concurrency),
         "--duration",

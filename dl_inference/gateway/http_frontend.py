@@ -268,7 +268,7 @@ class HttpFrontend:
         return _json(to_json(self.dp.model_config(*self._mv(request))))
 
     async def stats(self, request: web.Request) -> web.Response:
-        return _json(to_json(self.dp.model_statistics(*self._mv(request))))
+        return _json(to_json(await self.dp.model_statistics(*self._mv(request))))
 
     async def _read_body(self, request: web.Request) -> bytes:
         """The whole (decompressed) body, refused once it passes max_request_bytes (413) or when no
@@ -347,7 +347,7 @@ class HttpFrontend:
         return tensor.name, tensor.datatype, shape
 
     async def endpoints(self, request: web.Request) -> web.Response:
-        return _json(self.dp.endpoint_table())
+        return _json(await self.dp.endpoint_table())
 
     async def infer(self, request: web.Request) -> web.Response:
         name, version = self._mv(request)
@@ -390,7 +390,7 @@ class HttpFrontend:
 
 def metrics_app(dp: DataPlane) -> web.Application:
     async def metrics(request: web.Request) -> web.Response:
-        return web.Response(text=dp.metrics_text(), content_type="text/plain", charset="utf-8")
+        return web.Response(text=await dp.metrics_text(), content_type="text/plain", charset="utf-8")
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)

@@ -35,7 +35,7 @@ def add_shared_memory_routes(router: web.UrlDispatcher, frontend: HttpFrontend) 
 
     def status(kind: str) -> Any:
         async def handler(request: web.Request) -> web.Response:
-            regions = dp.shared_memory_status(kind, request.match_info.get("name", ""))
+            regions = await dp.shared_memory_status(kind, request.match_info.get("name", ""))
             return web.json_response([r.status() for r in regions])
 
         return handler
@@ -48,7 +48,7 @@ def add_shared_memory_routes(router: web.UrlDispatcher, frontend: HttpFrontend) 
         if not isinstance(key, str):
             raise InvalidArgument(f"{what}: 'key' must be a string, got {json.dumps(key)}")
         offset = _count(body, "offset", what, 0)
-        dp.register_system_shared_memory(name, key, offset, _count(body, "byte_size", what))
+        await dp.register_system_shared_memory(name, key, offset, _count(body, "byte_size", what))
         return web.Response(status=200)
 
     async def register_cuda(request: web.Request) -> web.Response:
@@ -63,12 +63,12 @@ def add_shared_memory_routes(router: web.UrlDispatcher, frontend: HttpFrontend) 
         except (binascii.Error, ValueError):
             raise InvalidArgument(f"{what}: 'raw_handle.b64' is not base64") from None
         device_id = _count(body, "device_id", what, 0)
-        dp.register_cuda_shared_memory(name, raw, device_id, _count(body, "byte_size", what))
+        await dp.register_cuda_shared_memory(name, raw, device_id, _count(body, "byte_size", what))
         return web.Response(status=200)
 
     def unregister(kind: str) -> Any:
         async def handler(request: web.Request) -> web.Response:
-            dp.unregister_shared_memory(kind, request.match_info.get("name", ""))
+            await dp.unregister_shared_memory(kind, request.match_info.get("name", ""))
             return web.Response(status=200)
 
         return handler

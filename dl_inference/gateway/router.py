@@ -11,9 +11,9 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dl_inference.balancer.balancer import Balancer
 from dl_inference.balancer.local import LocalEndpoint
@@ -32,7 +32,7 @@ from dl_inference.errors import (
 )
 from dl_inference.gateway.models import Model, ModelVersion, State
 from dl_inference.gateway.workers import LoadFailed, WorkerInstance, WorkerPool, WorkerSpec, worker_python
-from dl_inference.metrics import render_balancer_metrics, render_metrics
+from dl_inference.metrics import render_balancer_metrics, render_frontend_metrics, render_metrics
 from dl_inference.protocol.framing import Kind
 from dl_inference.protocol.generated import grpc_service_pb2 as pb
 from dl_inference.protocol.generated import model_config_pb2 as mc
@@ -43,6 +43,9 @@ from dl_inference.sharedmem.params import uses_shared_memory
 from dl_inference.sharedmem.registry import Region, SharedMemoryRegistry
 from dl_inference.stats import ModelStats, failure_reason
 
+if TYPE_CHECKING:
+    from dl_inference.gateway.frontends import FrontendSupervisor
+
 log = logging.getLogger(__name__)
 
 
@@ -52,7 +55,9 @@ class GatewayDataPlane(DataPlane):
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.repository = Path(settings.model_repository).resolve()
-        self.pool = WorkerPool(self._on_worker_exit)
+        self.pool = WorkerPool(self._on_worker_exit, frontend_sockets=settings.frontends > 1)
+        self.frontends: FrontendSupervisor | None = None  # serve --frontends N: the other frontends
+        self.requests = 0  # inference requests taken up here, every model and transport
         self.models: dict[str, Model] = {}
         self.load_errors: dict[str, str] = {}
         self._failed_fingerprints: dict[str, str] = {}
@@ -406,6 +411,7 @@ class GatewayDataPlane(DataPlane):
         self, payload: bytes, name: str, version: str, deadline: float | None = None, local_only: bool = False
     ) -> bytes:
         start = time.monotonic_ns()
+        self.requests += 1
         model = self.models.get(name)
         if model is None and local_only:
             self._model(name)  # NOT_FOUND when nobody serves it
@@ -466,16 +472,16 @@ class GatewayDataPlane(DataPlane):
         finally:
             self.shared_memory.release(pinned)
 
-    def register_system_shared_memory(self, name: str, key: str, offset: int, byte_size: int) -> None:
+    async def register_system_shared_memory(self, name: str, key: str, offset: int, byte_size: int) -> None:
         self.shared_memory.register_system(name, key, offset, byte_size)
 
-    def register_cuda_shared_memory(self, name: str, raw_handle: bytes, device_id: int, byte_size: int) -> None:
+    async def register_cuda_shared_memory(self, name: str, raw_handle: bytes, device_id: int, byte_size: int) -> None:
         self.shared_memory.register_cuda(name, raw_handle, device_id, byte_size)
 
-    def unregister_shared_memory(self, kind: str, name: str) -> None:
+    async def unregister_shared_memory(self, kind: str, name: str) -> None:
         self.shared_memory.unregister(kind, name)
 
-    def shared_memory_status(self, kind: str, name: str) -> list[Region]:
+    async def shared_memory_status(self, kind: str, name: str) -> list[Region]:
         return self.shared_memory.status(kind, name)
 
     def _worker_pids(self) -> list[int]:
@@ -552,20 +558,40 @@ class GatewayDataPlane(DataPlane):
             return list(model.versions.values())
         return [self._version(model, version)]
 
-    def model_statistics(self, name: str, version: str) -> pb.ModelStatisticsResponse:
+    async def _counted(self) -> tuple[Callable[[ModelVersion], ModelVersion], dict[tuple[str, str], ModelStats]]:
+        """Model versions and remote-model counters with every frontend's share added (one frontend:
+        these are this process's own)."""
+        if self.frontends is None:
+            return (lambda mv: mv), self._remote_stats
+        from dl_inference.gateway.frontends import merged_versions
+
+        counters = await self.frontends.collect()
+        remote = dict(self._remote_stats)
+        for (model_name, model_version, serial), stats in counters.models.items():
+            if serial == 0 and isinstance(model_version, str):
+                mine = remote.get((model_name, model_version))
+                remote[(model_name, model_version)] = mine.merged([stats]) if mine is not None else stats
+        return merged_versions(self, counters), remote
+
+    async def model_statistics(self, name: str, version: str) -> pb.ModelStatisticsResponse:
+        view, remote_stats = await self._counted()
         out = pb.ModelStatisticsResponse()
-        remote = sorted((k, v) for k, v in self._remote_stats.items() if not name or k[0] == name)
+        remote = sorted((k, v) for k, v in remote_stats.items() if not name or k[0] == name)
         if not (name and remote and name not in self.models):
             for mv in sorted(self._selected(name, version), key=lambda m: (m.name, m.version)):
-                out.model_stats.append(mv.stats.to_proto(mv.name, str(mv.version)))
+                out.model_stats.append(view(mv).stats.to_proto(mv.name, str(mv.version)))
         for (model_name, model_version), stats in remote:
             if not version or model_version == version:
                 out.model_stats.append(stats.to_proto(model_name, model_version))
         return out
 
-    def metrics_text(self) -> str:
-        versions = [mv for m in self.models.values() for mv in m.versions.values()]
-        return render_metrics(versions) + render_balancer_metrics(self.balancer, self._endpoint_sets())
+    async def metrics_text(self) -> str:
+        view, _ = await self._counted()
+        versions = [view(mv) for m in self.models.values() for mv in m.versions.values()]
+        text = render_metrics(versions) + render_balancer_metrics(self.balancer, self._endpoint_sets())
+        if self.frontends is not None:
+            text += render_frontend_metrics(self.frontends.describe(self.requests))
+        return text
 
     def _endpoint_sets(self) -> dict[str, list[Any]]:
         """Model (name:version) -> its endpoints, local and remote."""
@@ -583,7 +609,7 @@ class GatewayDataPlane(DataPlane):
                     sets[f"{name}:{label or '*'}"] = list(self.balancer.remote_for(name, label))
         return sets
 
-    def endpoint_table(self) -> dict[str, Any]:
+    async def endpoint_table(self) -> dict[str, Any]:
         sets = self._endpoint_sets()
         seen: dict[str, Any] = {}
         for endpoints in [*sets.values(), self.balancer.nodes.values()]:  # nodes serving nothing (yet) too
@@ -594,4 +620,6 @@ class GatewayDataPlane(DataPlane):
             "endpoints": [self.balancer.describe(ep) for ep in seen.values()],
             "models": {label: [ep.name for ep in eps] for label, eps in sets.items()},
             "counters": self.balancer.counters(),
+            # Endpoint rows are this process's balancer; each frontend balances its own connections.
+            "frontends": self.frontends.describe(self.requests) if self.frontends is not None else [],
         }

@@ -15,6 +15,7 @@ import itertools
 import logging
 import os
 import secrets
+import shutil
 import signal
 import sys
 import tempfile
@@ -105,6 +106,7 @@ class WorkerInstance:
         self.exited = asyncio.Event()
         self.hello = asyncio.get_running_loop().create_future()  # -> config, or LoadFailed
         self.pending: dict[int, asyncio.Future[Reply]] = {}
+        self.listen_path = ""  # the worker's socket for the other frontends ("" when there are none)
         self._pings: dict[int, asyncio.Future[None]] = {}
         self._ids = itertools.count(1)
 
@@ -208,9 +210,11 @@ class LoadFailed(Exception):
 class WorkerPool:
     """Spawns workers and matches their connections; owns the gateway's Unix socket."""
 
-    def __init__(self, on_exit: Callable[[WorkerInstance, int], None]) -> None:
-        self._dir = tempfile.mkdtemp(prefix="dl_inference-")
+    def __init__(self, on_exit: Callable[[WorkerInstance, int], None], frontend_sockets: bool = False) -> None:
+        self._dir = tempfile.mkdtemp(prefix="dl_inference-")  # 0700: only this user reaches the sockets
         self.socket_path = os.path.join(self._dir, "gateway.sock")
+        self.frontend_sockets = frontend_sockets  # each worker also listens for the other frontends
+        self._serial = itertools.count(1)
         self._server: asyncio.AbstractServer | None = None
         self._by_token: dict[str, WorkerInstance] = {}
         self._on_exit = on_exit
@@ -257,6 +261,9 @@ class WorkerPool:
             "--device", spec.device,
             "--connect", self.socket_path,
         ]  # fmt: skip
+        if self.frontend_sockets:
+            inst.listen_path = os.path.join(self._dir, f"w{next(self._serial)}.sock")
+            cmd += ["--listen", inst.listen_path]
         if spec.device_id is not None:
             cmd += ["--device-id", str(spec.device_id)]
         if spec.max_tensor_elements:
@@ -303,9 +310,12 @@ class WorkerPool:
             await inst.terminate(grace=5)
             raise
 
+    @property
+    def directory(self) -> str:
+        """The private directory of this gateway's sockets."""
+        return self._dir
+
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
-        with contextlib.suppress(OSError):
-            os.unlink(self.socket_path)
-            os.rmdir(self._dir)
+        shutil.rmtree(self._dir, ignore_errors=True)

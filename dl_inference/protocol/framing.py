@@ -14,6 +14,8 @@ Frame = header ``<IQBB2x`` (payload length, request id, kind, error code) + payl
 * ``CANCEL``     gateway -> worker: the client went away; drop the request if it has not run yet.
 * ``FORGET_REGIONS`` gateway -> worker: shared-memory registrations that are gone (JSON list of
   generations); the worker unmaps them.
+* ``ATTACH``, ``CALL``, ``ANSWER``, ``SNAPSHOT``, ``COLLECT``: several frontends (see
+  :mod:`dl_inference.gateway.frontends`).
 """
 
 from __future__ import annotations
@@ -54,6 +56,13 @@ class Kind(enum.IntEnum):
     PING = 7  # gateway -> worker health probe; answered with PONG and the same id
     PONG = 8
     FORGET_REGIONS = 9
+    # Several frontends (``serve --frontends N``): each extra frontend process opens its own connection
+    # to every worker and talks to the supervising gateway over a control connection.
+    ATTACH = 10  # frontend -> worker, first frame on a worker's --listen socket: its token
+    CALL = 11  # frontend -> supervisor: a pickled (method, args) for the server-wide data plane
+    ANSWER = 12  # supervisor -> frontend (or frontend -> supervisor for COLLECT): pickled result; code 1 = error
+    SNAPSHOT = 13  # supervisor -> frontend: the pickled model table (what to route to, and where)
+    COLLECT = 14  # supervisor -> frontend: send your statistics (answered with ANSWER)
 
 
 @dataclass(slots=True)

@@ -60,7 +60,7 @@ class WorkerDataPlane(DataPlane):
         out.models.add(name=self.name, version=self.version, state="READY")
         return out
 
-    def model_statistics(self, name: str, version: str) -> pb.ModelStatisticsResponse:
+    async def model_statistics(self, name: str, version: str) -> pb.ModelStatisticsResponse:
         if name:
             self._check(name, version)
         return pb.ModelStatisticsResponse(model_stats=[self.stats.to_proto(self.name, self.version)])

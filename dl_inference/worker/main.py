@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hmac
+import itertools
 import json
 import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from dl_inference.errors import WIRE_CODE, ServerError
@@ -31,18 +34,29 @@ STOP_GRACE_S = 5.0  # a standalone worker's in-flight requests get this long at 
 
 
 class GatewayLink:
-    """The worker's end of the framed connection to its gateway."""
+    """The worker's end of one framed connection: the gateway's (the supervisor's) or a frontend's.
 
-    def __init__(self, executor: InstanceExecutor, closed: asyncio.Event) -> None:
+    Every link shares the one executor; request ids are each link's own, so they are mapped to ids
+    unique in this worker (and back for the answer).
+    """
+
+    _ids = itertools.count(1)
+
+    def __init__(self, executor: InstanceExecutor, on_closed: Callable[[], None]) -> None:
         self.executor = executor
-        self.closed = closed
+        self.on_closed = on_closed
         self.proto = FrameProtocol(self._on_frame, self._on_lost)
+        self._mine: dict[int, int] = {}  # link's request id -> executor's
 
     def _on_frame(self, kind: Kind, rid: int, code: int, stats: ExecStats | None, payload: bytes) -> None:
         if kind is Kind.INFER:
-            self.executor.submit(rid, payload, self._reply)
+            xid = next(self._ids)
+            self._mine[rid] = xid
+            self.executor.submit(xid, payload, lambda _xid, body, st, err: self._reply(rid, body, st, err))
         elif kind is Kind.CANCEL:
-            self.executor.cancel(rid)
+            queued = self._mine.pop(rid, 0)  # ids start at 1
+            if queued:
+                self.executor.cancel(queued)
         elif kind is Kind.PING:
             self.proto.send(Kind.PONG, rid, b"", urgent=True)
         elif kind is Kind.FORGET_REGIONS:
@@ -51,6 +65,7 @@ class GatewayLink:
             log.warning("unexpected frame kind %s from gateway", kind)
 
     def _reply(self, rid: int, body: bytes | None, stats: ExecStats, error: ServerError | None) -> None:
+        self._mine.pop(rid, None)
         if error is None:
             assert body is not None
             self.proto.send(Kind.RESULT, rid, body, stats=stats)
@@ -58,8 +73,31 @@ class GatewayLink:
             self.proto.send(Kind.ERROR, rid, error.message.encode(), WIRE_CODE[error.code], stats)
 
     def _on_lost(self, exc: Exception | None) -> None:
-        log.info("gateway connection closed; worker exits")
-        self.closed.set()
+        for xid in self._mine.values():  # nobody is left to answer
+            self.executor.cancel(xid)
+        self._mine.clear()
+        self.on_closed()
+
+
+def frontend_listener(executor: InstanceExecutor, token: str) -> Callable[[], FrameProtocol]:
+    """Protocol factory for the ``--listen`` socket: each connection must first ATTACH with the token."""
+
+    def accept() -> FrameProtocol:
+        link = GatewayLink(executor, lambda: None)
+        serve = link.proto.on_frame
+
+        def first(kind: Kind, rid: int, code: int, stats: ExecStats | None, payload: bytes) -> None:
+            if kind is Kind.ATTACH and hmac.compare_digest(payload, token.encode()):
+                link.proto.on_frame = serve
+                return
+            log.warning("a connection to the frontend socket did not attach (kind %s); closing it", kind)
+            if link.proto.transport is not None:
+                link.proto.transport.close()
+
+        link.proto.on_frame = first
+        return link.proto
+
+    return accept
 
 
 async def _report_failure(socket_path: str, token: str, reason: str) -> None:
@@ -106,11 +144,15 @@ async def run_worker(args: argparse.Namespace, access: AccessPolicy, tls: TlsSet
         return 3
 
     executor = InstanceExecutor(loaded.runner, loop)
+    listener: asyncio.AbstractServer | None = None
     waits = [asyncio.create_task(stop.wait())]
     grpc_server = None
     if args.connect:
-        link = GatewayLink(executor, stop)
+        link = GatewayLink(executor, stop.set)  # the gateway is gone: this worker's work is over
         await loop.create_unix_connection(lambda: link.proto, args.connect)
+        if args.listen:  # before HELLO: frontends may connect as soon as the gateway hears it
+            # kept referenced: an unreferenced server may be collected, and closed with it
+            listener = await loop.create_unix_server(frontend_listener(executor, args.token), args.listen)
         link.proto.send(Kind.HELLO, 0, pack_token(args.token, loaded.config.SerializeToString()))
     if args.grpc_port is not None:
         from dl_inference.grpc_frontend import GrpcServer
@@ -125,6 +167,8 @@ async def run_worker(args: argparse.Namespace, access: AccessPolicy, tls: TlsSet
     await asyncio.wait(waits)
     if grpc_server is not None:  # a rolling update: requests in flight finish, new ones go elsewhere
         await grpc_server.stop(grace=await grpc_server.drain(STOP_GRACE_S))
+    if listener is not None:
+        listener.close()
     executor.close()
     loaded.runner.close()
     return 0
@@ -138,6 +182,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device-id", type=int, default=None)
     p.add_argument("--connect", default=None, help=argparse.SUPPRESS)  # gateway's Unix socket
     p.add_argument("--token", default="", help=argparse.SUPPRESS)
+    p.add_argument("--listen", default=None, help=argparse.SUPPRESS)  # Unix socket for the gateway's frontends
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--grpc-port", type=int, default=None, help="serve V2 gRPC on this TCP port")
     p.add_argument("--max-request-bytes", type=int, default=96 * 1024 * 1024)

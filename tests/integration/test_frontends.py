@@ -1,0 +1,169 @@
+"""``serve --frontends N``: several frontend processes on the same ports, one server to every client.
+
+Each gRPC client below opens its own TCP connection (a local subchannel pool), so the kernel spreads
+them over the frontends (SO_REUSEPORT); the tests then check that whatever frontend a client lands
+on, statistics, metrics, readiness, the repository index and model control are the server's, that a
+killed frontend is restarted while the others serve, and that SIGTERM stops every process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+
+from dl_inference.examples import make_example_repository
+from tests.integration.server import RunningServer, run_server
+
+FRONTENDS = 3
+X = np.arange(16, dtype=np.float32).reshape(1, 16)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    examples = tmp_path_factory.mktemp("examples")
+    make_example_repository(examples)
+    root = tmp_path_factory.mktemp("frontends_repo")
+    for name in ("simple", "versioned"):
+        shutil.copytree(examples / name, root / name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def srv(repo: Path) -> Iterator[RunningServer]:
+    args = ("--frontends", str(FRONTENDS), "--model-control-mode", "explicit", "--load-model", "simple",
+            "--load-model", "versioned")  # fmt: skip
+    with run_server(repo, repo.parent / "frontends.log", *args) as server:
+        wait_for(lambda: all(f["up"] for f in frontends(server)) and len(frontends(server)) == FRONTENDS, 30)
+        yield server
+
+
+def wait_for(check: object, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():  # type: ignore[operator]
+                return
+        except Exception:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"not true within {timeout} s")
+
+
+def client(srv: RunningServer) -> grpcclient.InferenceServerClient:
+    """A client on a connection of its own (gRPC would otherwise share one per process)."""
+    return grpcclient.InferenceServerClient(srv.grpc_url, channel_args=[("grpc.use_local_subchannel_pool", 1)])
+
+
+def infer(c: grpcclient.InferenceServerClient) -> None:
+    i = grpcclient.InferInput("x", [1, 16], "FP32")
+    i.set_data_from_numpy(X)
+    assert c.infer("simple", [i]).as_numpy("y").shape == (1, 4)
+
+
+def frontends(srv: RunningServer) -> list[dict]:
+    with urllib.request.urlopen(f"http://{srv.http_url}/v2/endpoints", timeout=5) as r:
+        return json.load(r)["frontends"]  # type: ignore[no-any-return]
+
+
+def successes(c: grpcclient.InferenceServerClient, model: str = "simple") -> int:
+    stats = c.get_inference_statistics(model, as_json=True)["model_stats"][0]["inference_stats"]
+    return int(stats["success"].get("count", 0))  # JSON leaves a zero out
+
+
+def test_connections_spread_and_every_frontend_answers_for_the_server(srv: RunningServer) -> None:
+    before = successes(client(srv))
+    clients = [client(srv) for _ in range(12)]
+    for c in clients:
+        for _ in range(5):
+            infer(c)
+    for _ in range(6):  # HTTP: a connection per client as well
+        h = httpclient.InferenceServerClient(srv.http_url)
+        i = httpclient.InferInput("x", [1, 16], "FP32")
+        i.set_data_from_numpy(X)
+        h.infer("simple", [i])
+        h.close()
+    sent = 66
+
+    # Statistics, asked through many connections (so of several frontends): all the server's, all equal.
+    counts = {successes(client(srv)) - before for _ in range(8)}
+    assert counts == {sent}, counts
+    rows = frontends(srv)
+    assert len(rows) == FRONTENDS and all(r["up"] for r in rows), rows
+    assert sum(1 for r in rows if r["requests"] > 0) >= 2, rows  # the kernel spread the connections
+    assert len({r["pid"] for r in rows}) == FRONTENDS
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=5) as r:
+        metrics = r.read().decode()
+    line = next(x for x in metrics.splitlines() if x.startswith('nv_inference_request_success{model="simple"'))
+    assert int(line.split()[-1]) == before + sent
+    assert metrics.count("dl_inference_frontend_up{") == FRONTENDS
+
+    for c in clients[:6]:  # readiness and metadata are the same everywhere
+        assert c.is_server_ready() and c.is_model_ready("simple") and c.is_model_ready("versioned", "2")
+        meta = c.get_model_metadata("versioned", as_json=True)
+        assert meta["versions"] == ["1", "2", "3"] and meta["inputs"][0]["name"] == "x"
+
+
+def test_model_control_through_any_frontend_reaches_every_frontend(srv: RunningServer) -> None:
+    clients = [client(srv) for _ in range(8)]
+    clients[0].unload_model("versioned")
+    wait_for(lambda: not any(c.is_model_ready("versioned") for c in clients), 10)
+    for c in clients:
+        index = {m["name"]: m for m in c.get_model_repository_index(as_json=True)["models"]}
+        assert index["versioned"].get("state") == "UNAVAILABLE" and index["simple"]["state"] == "READY"
+    four = grpcclient.InferInput("x", [1, 4], "FP32")
+    four.set_data_from_numpy(X[:, :4])
+    with pytest.raises(Exception, match="versioned"):
+        clients[3].infer("versioned", [four])
+    clients[5].load_model("versioned")
+    wait_for(lambda: all(c.is_model_ready("versioned", "3") for c in clients), 20)
+    for c in clients:  # the reloaded model's workers are reachable from every frontend
+        assert c.infer("versioned", [four]).get_response().model_version == "3"
+
+
+def test_a_killed_frontend_is_restarted_while_the_others_serve(srv: RunningServer) -> None:
+    total = successes(client(srv))
+    victim = next(r for r in frontends(srv) if r["frontend"] == 1)
+    os.kill(victim["pid"], signal.SIGKILL)
+    # Once the process is gone its listening sockets have left the port, and new connections land on
+    # the live frontends (connections the kernel had queued for the dead one are reset: clients retry).
+    wait_for(lambda: not os.path.exists(f"/proc/{victim['pid']}") or _zombie(victim["pid"]), 10)
+    for _ in range(10):
+        infer(client(srv))
+    wait_for(lambda: any(r["frontend"] == 1 and r["up"] and r["pid"] != victim["pid"] for r in frontends(srv)), 30)
+    row = next(r for r in frontends(srv) if r["frontend"] == 1)
+    assert row["starts"] == victim["starts"] + 1
+    # Counters never go back: what the dead frontend had counted (as of the last collection) is kept.
+    assert successes(client(srv)) == total + 10
+    for _ in range(20):  # and the restarted one serves too
+        infer(client(srv))
+    assert successes(client(srv)) == total + 30
+
+
+def test_sigterm_stops_every_process(repo: Path, tmp_path: Path) -> None:
+    with run_server(repo, tmp_path / "server.log", "--frontends", "2") as server:
+        wait_for(lambda: all(f["up"] for f in frontends(server)) and len(frontends(server)) == 2, 30)
+        pids = [f["pid"] for f in frontends(server)] + server.worker_pids()
+        infer(client(server))
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(60) == 0
+    for pid in pids:
+        wait_for(lambda pid=pid: not os.path.exists(f"/proc/{pid}") or _zombie(pid), 10)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
+    except OSError:
+        return True
