@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
         "(repeatable; adds to or replaces by name the config's worker_environments)",
     )  # fmt: skip
     s.add_argument(
-        "--frontends", type=int, help="processes serving the gRPC and HTTP ports (default 1; Linux SO_REUSEPORT)"
+        "--frontends", type=int, help="processes serving the gRPC and HTTP ports (Linux; default: cores/4, at most 8)"
     )
     s.add_argument("--config", help="server settings YAML (flags override it)")
 

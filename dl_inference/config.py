@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import re
 import socket
 from dataclasses import dataclass, field
@@ -58,9 +59,9 @@ class ServerSettings:
     load_timeout_s: float = 600.0
     stop_grace_s: float = 10.0
     log_level: str = "INFO"
-    # Frontend processes serving the gRPC and HTTP ports (SO_REUSEPORT); 1: the gateway process alone.
-    # See dl_inference/gateway/frontends.py.
-    frontends: int = 1
+    # Frontend processes serving the gRPC and HTTP ports (SO_REUSEPORT; dl_inference/gateway/frontends.py).
+    # 1: the gateway process alone; 0: automatic (see auto_frontends).
+    frontends: int = 0
     # remote nodes and balancing (see dl_inference/balancer/settings.py and the README)
     nodes: list[Any] = field(default_factory=list)  # "host:port[@weight]" or {address, weight, models}
     node_file: str = ""
@@ -129,8 +130,10 @@ class ServerSettings:
             raise InvalidArgument("max_inflight_requests must be >= 0 (0: no limit)")
         if self.shared_memory_sweep_s < 0:
             raise InvalidArgument("shared_memory_sweep_s must be >= 0 (0: never)")
-        if not isinstance(self.frontends, int) or self.frontends < 1:
-            raise InvalidArgument(f"frontends must be a whole number >= 1, got {self.frontends!r}")
+        if not isinstance(self.frontends, int) or self.frontends < 0:
+            raise InvalidArgument(f"frontends must be a whole number >= 0 (0: automatic), got {self.frontends!r}")
+        if self.frontends == 0:
+            self.frontends = auto_frontends(self.http_port, self.grpc_port)
         if self.frontends > 1:
             if not hasattr(socket, "SO_REUSEPORT"):
                 raise InvalidArgument("frontends > 1 needs SO_REUSEPORT, which this platform lacks; use 1")
@@ -156,6 +159,15 @@ class ServerSettings:
         self.access_policy()
         self.tls_settings()
         validate_worker_environments(self.worker_environments)
+
+
+def auto_frontends(http_port: int, grpc_port: int) -> int:
+    """The default number of frontends: a quarter of the cores this process may use, at most 8 (the
+    rest are the workers'); 1 below 8 cores, without SO_REUSEPORT, or when a port is 0 (random)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if not hasattr(socket, "SO_REUSEPORT") or not http_port or not grpc_port:
+        return 1
+    return max(1, min(8, cores // 4))
 
 
 @functools.lru_cache(maxsize=8)
