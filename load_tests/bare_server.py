@@ -166,14 +166,14 @@ class BareServicer(pb_grpc.GRPCInferenceServiceServicer):
         return feeds
 
 
-async def serve(model: Path, port: int, host: str, name: str | None) -> None:
+async def serve(model: Path, port: int, host: str, name: str | None, reuse_port: bool = False) -> None:
     session = make_session(model)
     servicer = BareServicer(session, name or default_model_name(model))
     server = grpc.aio.server(
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if reuse_port else 0),  # on: several of these share one port
         ]
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
@@ -198,10 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
     parser.add_argument("--name", default=None, help="model name (default: from the path)")
     parser.add_argument("--no-uvloop", action="store_true", help="use the default asyncio loop")
+    parser.add_argument("--reuse-port", action="store_true", help="SO_REUSEPORT: run several on one port")
     args = parser.parse_args(argv)
     if not args.model.is_file():
         parser.error(f"no such model file: {args.model}")
-    coro = serve(args.model, args.port, args.host, args.name)
+    coro = serve(args.model, args.port, args.host, args.name, args.reuse_port)
     if args.no_uvloop:
         asyncio.run(coro)
         return 0

@@ -553,6 +553,7 @@ def measure(
         request_timeout=args.request_timeout,
         input_data=input_data or {},
         shared_memory=shared_memory,
+        connections=1 if shared_memory else args.connections,
     )
     before = model_stats(server, model)
     try:
@@ -1108,6 +1109,8 @@ def bench(args: argparse.Namespace, workdir: Path, say: Output) -> dict[str, Any
             "max_batch_size": args.max_batch_size,
             "delay_us": args.delay_us,
             "instances": args.instances,
+            "frontends": args.frontends,
+            "connections": args.connections,
             "compile_mode": args.compile_mode,
             "compile_batch_sizes": args.compile_batch_sizes,
             "concurrency": args.concurrency,
@@ -1144,6 +1147,8 @@ def bench(args: argparse.Namespace, workdir: Path, say: Output) -> dict[str, Any
             "127.0.0.1",
             "--config",
             str(settings),
+            "--frontends",
+            str(args.frontends),
         ]
         server = start_server(
             "dl-inference serve", cmd, workdir / "server.log", f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}"
@@ -1253,6 +1258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=None, help="default 64; quick 4")
     p.add_argument("--delay-us", type=int, default=1000, help="max_queue_delay_microseconds (default 1000)")
     p.add_argument("--instances", type=int, default=1, help="instances of each model (instance_group count)")
+    p.add_argument("--frontends", type=int, default=1, help="serve --frontends (processes on the ports)")
+    p.add_argument("--connections", type=int, default=1, help="gRPC connections the client's requests take turns on")
     p.add_argument(
         "--request-batch",
         type=int,

@@ -91,6 +91,9 @@ class LoadConfig:
     input_data: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     # gRPC only: tensors in "system" or "cuda" shared memory (perf_analyzer's --shared-memory); "": inline
     shared_memory: str = ""
+    # gRPC: TCP connections the requests take turns on (a server with several frontend processes
+    # spreads connections, not the calls of one HTTP/2 connection)
+    connections: int = 1
 
     def target(self) -> str:
         url = self.url or f"localhost:{DEFAULT_PORTS[self.protocol]}"
@@ -307,13 +310,12 @@ async def grpc_setup(cfg: LoadConfig, note: Callable[[str, str], None]) -> tuple
     import grpc
 
     target = cfg.target()
-    channel = grpc.aio.insecure_channel(
-        target,
-        options=[
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ],
-    )
+    options = [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.use_local_subchannel_pool", 1),  # each channel its own connection
+    ]
+    channel = grpc.aio.insecure_channel(target, options=options)
     try:
         await asyncio.wait_for(channel.channel_ready(), cfg.connect_timeout)
         inputs, outputs = await grpc_metadata(channel, cfg)
@@ -328,12 +330,23 @@ async def grpc_setup(cfg: LoadConfig, note: Callable[[str, str], None]) -> tuple
         return await _shared_memory_setup(cfg, channel, work, note)
     bodies = [grpc_request_bytes(cfg, dataclasses.replace(work, arrays=a)) for a in work.requests()]
     turn = itertools.cycle(bodies)
-    infer = channel.unary_unary(MODEL_INFER_PATH)  # no serializers: bytes in, bytes out
+    channels = [channel, *(grpc.aio.insecure_channel(target, options=options) for _ in range(cfg.connections - 1))]
+    for extra in channels[1:]:
+        try:
+            await asyncio.wait_for(extra.channel_ready(), cfg.connect_timeout)
+        except TimeoutError:
+            await asyncio.gather(*(c.close() for c in channels))
+            raise LoadgenError(f"cannot open {cfg.connections} connections to {target}") from None
+    # no serializers: bytes in, bytes out; calls take the connections in turn
+    infers = itertools.cycle([c.unary_unary(MODEL_INFER_PATH) for c in channels])
     timeout = cfg.request_timeout
+
+    async def close_all() -> None:
+        await asyncio.gather(*(c.close() for c in channels))
 
     async def send(verify: bool) -> str | None:
         try:
-            data = await infer(next(turn), timeout=timeout)
+            data = await next(infers)(next(turn), timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             key = exc.code().name
             note(key, exc.details() or "")
@@ -345,7 +358,7 @@ async def grpc_setup(cfg: LoadConfig, note: Callable[[str, str], None]) -> tuple
                 return "BAD_RESPONSE"
         return None
 
-    return send, work, channel.close
+    return send, work, close_all
 
 
 async def _shared_memory_setup(
@@ -594,6 +607,7 @@ def summarize(state: _State, cfg: LoadConfig, work: Workload, loop_name: str, me
         "model": cfg.model,
         "model_version": cfg.model_version,
         "concurrency": cfg.concurrency,
+        "connections": cfg.connections,
         "batch": cfg.batch,
         "warmup_s": cfg.warmup,
         "duration_s": measured,
@@ -712,6 +726,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME:D0,D1",
         help="input shape override (repeatable)",
     )
+    p.add_argument("--connections", type=int, default=1, help="gRPC: connections the requests take turns on")
     p.add_argument("--request-timeout", type=float, default=30.0)
     p.add_argument("--connect-timeout", type=float, default=10.0)
     p.add_argument("--seed", type=int, default=0)
@@ -745,7 +760,11 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         use_uvloop=not args.no_uvloop,
         shared_memory=args.shared_memory or "",
+        connections=args.connections,
     )
+    if cfg.connections < 1 or (cfg.connections > 1 and (cfg.protocol != "grpc" or cfg.shared_memory)):
+        print("loadgen: --connections N > 1 is for gRPC requests without shared memory", file=sys.stderr)
+        return 2
     try:
         report = run(cfg)
     except LoadgenError as exc:
