@@ -161,13 +161,24 @@ class ServerSettings:
         validate_worker_environments(self.worker_environments)
 
 
-def auto_frontends(http_port: int, grpc_port: int) -> int:
-    """The default number of frontends: a quarter of the cores this process may use, at most 8 (the
-    rest are the workers'); 1 below 8 cores, without SO_REUSEPORT, or when a port is 0 (random)."""
+def usable_cores() -> int:
+    """Cores this process may use: its CPU affinity, bounded by a cgroup v2 CPU quota (containers)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+def auto_frontends(http_port: int, grpc_port: int) -> int:
+    """The default number of frontends: a quarter of the usable cores, at most 8 (the rest are the
+    workers'); 1 below 8 cores, without SO_REUSEPORT, or when a port is 0 (random)."""
     if not hasattr(socket, "SO_REUSEPORT") or not http_port or not grpc_port:
         return 1
-    return max(1, min(8, cores // 4))
+    return max(1, min(8, usable_cores() // 4))
 
 
 @functools.lru_cache(maxsize=8)

@@ -185,6 +185,16 @@ def test_a_killed_frontend_is_restarted_while_the_others_serve(srv: RunningServe
     assert successes(client(srv)) == total + 30
 
 
+def test_a_restarted_worker_is_reached_from_every_frontend(srv: RunningServer) -> None:
+    (old,) = srv.worker_pids("simple")
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: len(srv.worker_pids("simple")) == 1 and srv.worker_pids("simple")[0] != old, 30)
+    clients = [client(srv) for _ in range(12)]
+    wait_for(lambda: all(c.is_model_ready("simple") for c in clients), 20)
+    for c in clients:  # every frontend routes to the new worker (its socket and token came in the table)
+        infer(c)
+
+
 def test_sigterm_stops_every_process(repo: Path, tmp_path: Path) -> None:
     with run_server(repo, tmp_path / "server.log", "--frontends", "2") as server:
         wait_for(lambda: all(f["up"] for f in frontends(server)) and len(frontends(server)) == 2, 30)

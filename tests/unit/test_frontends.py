@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import pickle
+from pathlib import Path
 
 import pytest
 
-from dl_inference.config import ServerSettings, auto_frontends
+from dl_inference import config
+from dl_inference.config import ServerSettings, auto_frontends, usable_cores
 from dl_inference.errors import InvalidArgument, NotFound
 from dl_inference.gateway.frontends import Counters, _add, _dump, _error_payload, _load
 from dl_inference.protocol.framing import ExecStats
@@ -20,8 +22,24 @@ def test_auto_frontends_is_a_quarter_of_the_cores_at_most_8(
     monkeypatch: pytest.MonkeyPatch, cores: int, expected: int
 ) -> None:
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    monkeypatch.setattr(config, "Path", lambda p: _NoFile())  # no cgroup quota
     assert auto_frontends(8000, 8001) == expected
     assert auto_frontends(0, 8001) == 1  # a random port cannot be shared
+
+
+class _NoFile:
+    def read_text(self) -> str:
+        raise OSError("none")
+
+
+def test_a_cgroup_cpu_quota_bounds_the_cores(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    quota = tmp_path / "cpu.max"
+    monkeypatch.setattr(config, "Path", lambda p: quota)
+    quota.write_text("250000 100000\n")  # 2.5 CPUs: a container limited to them
+    assert usable_cores() == 3 and auto_frontends(8000, 8001) == 1
+    quota.write_text("max 100000\n")
+    assert usable_cores() == 64 and auto_frontends(8000, 8001) == 8
 
 
 def test_frontends_setting_is_checked(tmp_path: object) -> None:
