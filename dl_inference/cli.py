@@ -247,6 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from dl_inference.errors import ServerError
 
+    if args.command in ("serve", "frontend", "worker"):  # the processes that move request bytes
+        from dl_inference.memtrim import tune_malloc
+
+        tune_malloc()
+
     if args.command == "worker":
         _setup_logging(args.log_level or "INFO")
         from dl_inference.worker.main import main as worker_main

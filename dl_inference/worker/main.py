@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dl_inference.errors import WIRE_CODE, ServerError
+from dl_inference.memtrim import trim_every
 from dl_inference.protocol.framing import WORKER_TOKEN_ENV, ExecStats, FrameProtocol, Kind, pack_token
 from dl_inference.security import AccessPolicy, TlsSettings
 from dl_inference.worker.executor import InstanceExecutor
@@ -31,6 +32,7 @@ from dl_inference.worker.loader import LoadedModel, load_model_version
 log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 5.0  # a standalone worker's in-flight requests get this long at SIGTERM
+TRIM_EVERY_S = 60.0  # as the gateway's default memory_trim_interval_s
 
 
 class GatewayLink:
@@ -145,6 +147,7 @@ async def run_worker(args: argparse.Namespace, access: AccessPolicy, tls: TlsSet
 
     executor = InstanceExecutor(loaded.runner, loop)
     listener: asyncio.AbstractServer | None = None
+    trimmer = asyncio.create_task(trim_every(TRIM_EVERY_S))  # freed request buffers go back to the OS
     waits = [asyncio.create_task(stop.wait())]
     grpc_server = None
     if args.connect:
@@ -167,6 +170,7 @@ async def run_worker(args: argparse.Namespace, access: AccessPolicy, tls: TlsSet
     await asyncio.wait(waits)
     if grpc_server is not None:  # a rolling update: requests in flight finish, new ones go elsewhere
         await grpc_server.stop(grace=await grpc_server.drain(STOP_GRACE_S))
+    trimmer.cancel()
     if listener is not None:
         listener.close()
     executor.close()
