@@ -93,8 +93,15 @@ def log_tail(path: Path, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
 
 
-def start_server(name: str, cmd: list[str], log: Path, grpc_url: str, http_url: str | None = None) -> Server:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+def start_server(
+    name: str,
+    cmd: list[str],
+    log: Path,
+    grpc_url: str,
+    http_url: str | None = None,
+    env_extra: dict[str, str] | None = None,
+) -> Server:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
     with log.open("wb") as out:
         # own process group, so stop_server can take the server's worker processes down with it
         proc = subprocess.Popen(
