@@ -610,6 +610,8 @@ class GatewayDataPlane(DataPlane):
         return sets
 
     async def endpoint_table(self) -> dict[str, Any]:
+        if self.frontends is not None:
+            await self.frontends.collect()  # the frontends' request counts, fresh
         sets = self._endpoint_sets()
         seen: dict[str, Any] = {}
         for endpoints in [*sets.values(), self.balancer.nodes.values()]:  # nodes serving nothing (yet) too

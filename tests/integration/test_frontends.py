@@ -195,6 +195,49 @@ def test_a_restarted_worker_is_reached_from_every_frontend(srv: RunningServer) -
         infer(c)
 
 
+def test_sigterm_lets_every_frontend_finish_what_it_holds(tmp_path: Path) -> None:
+    """Requests in flight on every frontend at SIGTERM are answered; then every process is gone."""
+    import threading
+
+    from tests.integration.models import slow_model
+
+    repo = tmp_path / "repo"
+    slow_model(repo / "slow", instances=2)
+    x = np.random.default_rng(0).standard_normal((16, 512)).astype(np.float32)
+    records: list[tuple[float, str]] = []
+    stop = threading.Event()
+    with run_server(repo, tmp_path / "server.log", "--frontends", "3") as server:
+        wait_for(lambda: all(f["up"] for f in frontends(server)) and len(frontends(server)) == 3, 30)
+
+        def load() -> None:
+            c = client(server)  # a connection per thread: the threads land on several frontends
+            while not stop.is_set():
+                start = time.monotonic()
+                i = grpcclient.InferInput("x", [16, 512], "FP32")
+                i.set_data_from_numpy(x)
+                try:
+                    c.infer("slow", [i], client_timeout=30)
+                    records.append((start, "ok"))
+                except InferenceServerException as exc:
+                    records.append((start, str(exc)[:80]))
+
+        threads = [threading.Thread(target=load) for _ in range(9)]
+        for t in threads:
+            t.start()
+        wait_for(lambda: sum(1 for f in frontends(server) if f["requests"] > 0) >= 2, 10)
+        pids = [f["pid"] for f in frontends(server)] + server.worker_pids()
+        sent_term = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(60) == 0
+        stop.set()
+        for t in threads:
+            t.join(40)
+    before = [outcome for start, outcome in records if start < sent_term]
+    assert len(before) > 9 and set(before) == {"ok"}, sorted(set(before))
+    for pid in pids:
+        wait_for(lambda pid=pid: not os.path.exists(f"/proc/{pid}") or _zombie(pid), 10)
+
+
 def test_sigterm_stops_every_process(repo: Path, tmp_path: Path) -> None:
     with run_server(repo, tmp_path / "server.log", "--frontends", "2") as server:
         wait_for(lambda: all(f["up"] for f in frontends(server)) and len(frontends(server)) == 2, 30)
