@@ -44,9 +44,6 @@ MAX_PAYLOAD = 0xFFFFFFFF
 # go with the GIL held, and every other request on the loop waits.
 STREAM_FROM = 1 << 20
 CHUNK = 256 << 10
-# Frames from this size on are received into a buffer of their own, filled as bytes arrive, and handed
-# over as that bytearray (RESULT/ERROR: copied out past their stats): no second copy of the payload.
-FILL_IN_PLACE_FROM = 64 << 10
 
 
 class Kind(enum.IntEnum):
@@ -122,9 +119,6 @@ class FrameProtocol(asyncio.Protocol):
         self.on_lost = on_lost
         self._buf = bytearray()
         self._need = HEADER.size
-        self._big: bytearray | None = None  # a large frame being received, filled in place
-        self._big_header = (0, 0, 0)  # its request id, kind, code
-        self._big_fill = 0
         self._out: list[bytes] = []
         self._dispatching = False
         self._received = 0  # bytes read from the peer
@@ -180,34 +174,20 @@ class FrameProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._received += len(data)
-        frames: list[tuple[int, int, int, ExecStats | None, bytes]] = []
-        if self._big is not None:  # filling a large frame in place
-            data = self._fill_big(data, frames)
-            if not data:
-                self._dispatch(frames)
-                return
         buf = self._buf
         buf += data
         if len(buf) < self._need:
-            self._dispatch(frames)
             return
         offset = 0
         end_all = len(buf)
         hsize = HEADER.size
+        frames = []
         with memoryview(buf) as view:
             while end_all - offset >= hsize:
                 length, rid, kind, code = HEADER.unpack_from(buf, offset)
                 end = offset + hsize + length
                 if end > end_all:
-                    if length >= FILL_IN_PLACE_FROM:  # the rest goes straight into the frame's own buffer
-                        self._big = bytearray(length)
-                        self._big_header = (rid, kind, code)
-                        self._big_fill = end_all - offset - hsize
-                        self._big[: self._big_fill] = view[offset + hsize : end_all]
-                        offset = end_all
-                        self._need = hsize
-                    else:
-                        self._need = end - offset
+                    self._need = end - offset
                     break
                 start = offset + hsize
                 stats = None
@@ -220,30 +200,6 @@ class FrameProtocol(asyncio.Protocol):
                 self._need = hsize
         if offset:
             del buf[:offset]
-        self._dispatch(frames)
-
-    def _fill_big(self, data: bytes, frames: list[tuple[int, int, int, ExecStats | None, bytes]]) -> bytes:
-        """Copy ``data`` into the large frame being received; queue the frame once whole. Returns what
-        is left of ``data`` (the next frames' bytes)."""
-        big = self._big
-        assert big is not None
-        take = min(len(data), len(big) - self._big_fill)
-        with memoryview(data) as view:
-            big[self._big_fill : self._big_fill + take] = view[:take]
-            rest = bytes(view[take:]) if take < len(data) else b""
-        self._big_fill += take
-        if self._big_fill == len(big):
-            rid, kind, code = self._big_header
-            self._big = None
-            if kind in _WITH_STATS:
-                frames.append((kind, rid, code, ExecStats(*STATS.unpack_from(big, 0)), bytes(big[STATS.size :])))
-            else:  # no copy: a bytearray reads like bytes for the frame handlers (and protobuf)
-                frames.append((kind, rid, code, None, big))  # type: ignore[arg-type]
-        return rest
-
-    def _dispatch(self, frames: list[tuple[int, int, int, ExecStats | None, bytes]]) -> None:
-        if not frames:
-            return
         # Replies produced while handling these frames leave together, right after (no extra loop turn).
         self._dispatching = True
         try:
