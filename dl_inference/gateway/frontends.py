@@ -39,6 +39,7 @@ import os
 import pickle
 import secrets
 import signal
+import struct
 import sys
 import time
 from collections.abc import Callable
@@ -55,7 +56,7 @@ from dl_inference.errors import InternalError, ServerError, Unavailable
 from dl_inference.gateway.models import Model, ModelVersion, State
 from dl_inference.gateway.router import GatewayDataPlane
 from dl_inference.gateway.workers import WorkerInstance, WorkerSpec
-from dl_inference.protocol.framing import ExecStats, FrameProtocol, Kind
+from dl_inference.protocol.framing import ExecStats, FrameProtocol, Kind, pack_token, unpack_token
 from dl_inference.protocol.generated import grpc_service_pb2 as pb
 from dl_inference.protocol.generated import model_config_pb2 as mc
 from dl_inference.sharedmem.params import uses_shared_memory
@@ -216,12 +217,13 @@ class FrontendSupervisor:
         proto = FrameProtocol(lambda *a: None, lambda exc: None)
 
         def first(kind: Kind, rid: int, code: int, stats: ExecStats | None, payload: bytes) -> None:
+            # Nothing is unpickled before the token matched: HELLO is token + the index as text.
             try:
-                index, token = pickle.loads(payload) if kind is Kind.HELLO else (None, None)
-            except Exception:  # not even a well-formed hello
-                index, token = None, None
-            follower = self.followers.get(index) if isinstance(index, int) else None
-            if follower is None or not isinstance(token, str) or not secrets.compare_digest(token, self.token):
+                token, body = unpack_token(payload) if kind is Kind.HELLO else ("", b"")
+                follower = self.followers.get(int(body.decode()))
+            except (ValueError, struct.error):  # not even a well-formed hello
+                token, follower = "", None
+            if follower is None or not secrets.compare_digest(token.encode(), self.token.encode()):
                 log.warning("a connection to the control socket did not say hello properly; closing it")
                 if proto.transport is not None:
                     proto.transport.close()
@@ -384,7 +386,7 @@ class ControlClient:
 
     async def connect(self, path: str, index: int, token: str) -> ServerSettings:
         await asyncio.get_running_loop().create_unix_connection(lambda: self.proto, path)
-        self.proto.send(Kind.HELLO, 0, _dump((index, token)))
+        self.proto.send(Kind.HELLO, 0, pack_token(token, str(index).encode()))
         return await asyncio.wait_for(self.settings, 30)
 
     def _on_frame(self, kind: Kind, rid: int, code: int, stats: ExecStats | None, payload: bytes) -> None:

@@ -87,3 +87,41 @@ def test_control_payloads_carry_protobuf_messages_and_error_codes() -> None:
     assert isinstance(err, NotFound) and err.message == "unknown model 'x'"
     internal = pickle.loads(_error_payload(ValueError("boom")))
     assert internal.code.name == "INTERNAL" and "ValueError: boom" in internal.message
+
+
+def test_the_control_socket_unpickles_nothing_before_the_token_matched(tmp_path: Path) -> None:
+    """A stranger's HELLO (a pickle that would run code, a bad token, garbage) closes the connection."""
+    import asyncio
+
+    from dl_inference.gateway.frontends import FrontendSupervisor
+    from dl_inference.protocol.framing import HEADER, Kind, pack_token
+
+    class Evil:
+        def __reduce__(self) -> tuple[object, tuple[str]]:
+            return (os.system, (f"touch {tmp_path / 'owned'}",))
+
+    class FakeDp:
+        class pool:
+            directory = str(tmp_path)
+
+    async def main() -> None:
+        settings = ServerSettings(model_repository=str(tmp_path), frontends=2)
+        sup = FrontendSupervisor(FakeDp(), settings)  # type: ignore[arg-type]
+        sup._server = await asyncio.get_running_loop().create_unix_server(sup._accept, sup.path)
+        for payload in (pickle.dumps(Evil()), pack_token("wrong", b"1"), b"\x01", pack_token(sup.token, b"7")):
+            reader, writer = await asyncio.open_unix_connection(sup.path)
+            writer.write(HEADER.pack(len(payload), 0, int(Kind.HELLO), 0) + payload)
+            await writer.drain()
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, nothing answered
+            writer.close()
+        # The right token and index: the settings come back.
+        reader, writer = await asyncio.open_unix_connection(sup.path)
+        payload = pack_token(sup.token, b"1")
+        writer.write(HEADER.pack(len(payload), 0, int(Kind.HELLO), 0) + payload)
+        header = await asyncio.wait_for(reader.readexactly(HEADER.size), 5)
+        assert HEADER.unpack(header)[2] == int(Kind.ANSWER)
+        writer.close()
+        sup._server.close()
+
+    asyncio.run(main())
+    assert not (tmp_path / "owned").exists()
