@@ -38,6 +38,7 @@ import logging
 import os
 import pickle
 import secrets
+import shutil
 import signal
 import struct
 import sys
@@ -70,7 +71,8 @@ log = logging.getLogger(__name__)
 FRONTEND_TOKEN_ENV = "DL_INFERENCE_FRONTEND_TOKEN"
 PUBLISH_EVERY_S = 0.1  # how often the supervisor looks for a changed model table
 COLLECT_TIMEOUT_S = 2.0  # a frontend that does not hand over its counters this fast is left out once
-RESTART_BACKOFF_S = (0.2, 10.0)
+RESTART_BACKOFF_S = (0.2, 10.0)  # first delay, doubling per death in a row, up to the second
+STEADY_S = 60.0  # a frontend that served this long before dying restarts after the first delay again
 
 # What a frontend may ask of the supervisor's data plane (CALL); nothing else is executed.
 CALLS = frozenset(
@@ -143,6 +145,8 @@ class _Follower:
         self.last: Counters = Counters({}, 0)  # as of the last collection
         self.collects: dict[int, asyncio.Future[Counters]] = {}
         self.starts = 0
+        self.started_at = 0.0
+        self.failures = 0  # deaths in a row, each within STEADY_S of its start (the restart backoff)
 
 
 class FrontendSupervisor:
@@ -186,6 +190,7 @@ class FrontendSupervisor:
         )
         follower.pid = follower.process.pid
         follower.starts += 1
+        follower.started_at = time.monotonic()
         log.info("started frontend %d (pid %d)", follower.index, follower.pid)
         self._spawn_task(self._watch(follower, follower.process))
 
@@ -197,7 +202,10 @@ class FrontendSupervisor:
         if self._closing:
             return
         how = f"exited with code {code}" if code >= 0 else f"was killed by signal {-code}"
-        delay = min(RESTART_BACKOFF_S[0] * 2 ** min(follower.starts - 1, 6), RESTART_BACKOFF_S[1])
+        if time.monotonic() - follower.started_at > STEADY_S:  # it had been serving: not a crash loop
+            follower.failures = 0
+        follower.failures += 1
+        delay = min(RESTART_BACKOFF_S[0] * 2 ** min(follower.failures - 1, 6), RESTART_BACKOFF_S[1])
         log.error("frontend %d %s; restarting it in %.1f s", follower.index, how, delay)
         await asyncio.sleep(delay)
         if not self._closing:
@@ -441,6 +449,7 @@ class FrontendDataPlane(GatewayDataPlane):
 
     def __init__(self, settings: ServerSettings, control: ControlClient, index: int) -> None:
         super().__init__(settings)
+        shutil.rmtree(self.pool.directory, ignore_errors=True)  # the supervisor's workers; none here
         self.control = control
         self.index = index
         self._table_ready = False
