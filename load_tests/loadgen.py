@@ -42,7 +42,9 @@ import itertools
 import json
 import math
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
@@ -94,6 +96,7 @@ class LoadConfig:
     # gRPC: TCP connections the requests take turns on (a server with several frontend processes
     # spreads connections, not the calls of one HTTP/2 connection)
     connections: int = 1
+    latencies_out: str = ""  # also write the measured latencies (ms, .npy): how --processes merges
 
     def target(self) -> str:
         url = self.url or f"localhost:{DEFAULT_PORTS[self.protocol]}"
@@ -596,6 +599,8 @@ def summarize(state: _State, cfg: LoadConfig, work: Workload, loop_name: str, me
         }
     else:
         latency = dict.fromkeys(("p50", "p90", "p95", "p99", "max", "min", "mean"))
+    if cfg.latencies_out:
+        np.save(cfg.latencies_out, lat_ms)
     n_ok = int(lat_ms.size)
     n_err = int(sum(state.errors.values()))
     rps = n_ok / measured if measured > 0 else 0.0
@@ -738,11 +743,74 @@ def build_parser() -> argparse.ArgumentParser:
         help="gRPC: send tensors through system or CUDA shared memory (one region pair per concurrent request)",
     )
     p.add_argument("--json", type=Path, default=None, help="write the report here")
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="client processes (the concurrency shared among them; one Python process tops out near a core)",
+    )
+    p.add_argument("--latencies-out", default="", help=argparse.SUPPRESS)  # a --processes child's latencies
     return p
+
+
+def run_processes(argv: list[str], processes: int, concurrency: int, seed: int, work: Path) -> dict[str, Any]:
+    """This command in ``processes`` processes at once (the concurrency shared), one merged report:
+    counts and rates summed, latency percentiles from every measured request. The processes start
+    within a second of each other, so their measured windows nearly coincide."""
+    children = []
+    for i in range(processes):
+        share = concurrency // processes + (1 if i < concurrency % processes else 0)
+        out, lat = work / f"p{i}.json", work / f"p{i}.npy"
+        cmd = [sys.executable, "-m", "load_tests.loadgen", *argv, "--processes", "1", "--concurrency", str(share),
+               "--seed", str(seed + i), "--json", str(out), "--latencies-out", str(lat)]  # fmt: skip
+        children.append((subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), out, lat))
+    reports, latencies = [], []
+    for proc, out, lat in children:
+        _, err = proc.communicate()
+        if not out.exists():
+            raise LoadgenError(f"a client process failed (status {proc.returncode}): {err.strip()[-500:]}")
+        reports.append(json.loads(out.read_text()))
+        latencies.append(np.load(lat))
+    merged = dict(reports[0])
+    for key in ("requests", "errors", "throughput_rps", "inferences_per_s", "checked_responses"):
+        if key in merged:
+            merged[key] = sum(r[key] for r in reports)
+    for key in ("errors_by_status", "warmup_errors_by_status"):
+        if key in merged:
+            merged[key] = dict(sum((collections.Counter(r[key]) for r in reports), collections.Counter()))
+    merged["error_samples"] = {k: v for r in reports for k, v in r.get("error_samples", {}).items()}
+    lat_ms = np.concatenate(latencies) if latencies else np.empty(0)
+    if lat_ms.size:
+        p50, p90, p95, p99 = (float(v) for v in np.percentile(lat_ms, [50, 90, 95, 99]))
+        merged["latency_ms"] = {"p50": p50, "p90": p90, "p95": p95, "p99": p99, "max": float(lat_ms.max()),
+                                "min": float(lat_ms.min()), "mean": float(lat_ms.mean())}  # fmt: skip
+    merged["concurrency"] = concurrency
+    merged["processes"] = processes
+    return merged
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.processes > 1:
+        if args.concurrency < args.processes:
+            print("loadgen: --processes N needs --concurrency >= N", file=sys.stderr)
+            return 2
+        raw = list(sys.argv[1:] if argv is None else argv)
+        for flag in ("--processes", "--json", "--concurrency", "-c", "--seed"):  # set per child
+            while flag in raw:
+                i = raw.index(flag)
+                del raw[i : i + 2]
+        with tempfile.TemporaryDirectory(prefix="loadgen-") as tmp:
+            try:
+                report = run_processes(raw, args.processes, args.concurrency, args.seed, Path(tmp))
+            except LoadgenError as exc:
+                print(f"loadgen: {exc}", file=sys.stderr)
+                return 2
+        print(summary_line(report) + f"  [{args.processes} processes]", flush=True)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=2) + "\n")
+        return 0 if report["errors"] == 0 and report["requests"] > 0 else 1
     cfg = LoadConfig(
         url=args.url,
         protocol=args.protocol,
@@ -761,6 +829,7 @@ def main(argv: list[str] | None = None) -> int:
         use_uvloop=not args.no_uvloop,
         shared_memory=args.shared_memory or "",
         connections=args.connections,
+        latencies_out=args.latencies_out,
     )
     if cfg.connections < 1 or (cfg.connections > 1 and (cfg.protocol != "grpc" or cfg.shared_memory)):
         print("loadgen: --connections N > 1 is for gRPC requests without shared memory", file=sys.stderr)

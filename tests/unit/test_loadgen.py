@@ -125,6 +125,22 @@ def test_loadgen_grpc_against_bare_server(bare_server: str, tmp_path: Path) -> N
     assert report["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [1, 16]}]
 
 
+def test_loadgen_processes_and_connections_merge_into_one_report(bare_server: str, tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    cmd = [sys.executable, "-m", "load_tests.loadgen", "--url", bare_server, "--model", "simple", "-c", "5",
+           "--processes", "2", "--connections", "2", "--duration", "1", "--warmup", "0.3",
+           "--json", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    assert report["processes"] == 2 and report["concurrency"] == 5 and report["connections"] == 2
+    assert report["errors"] == 0 and report["requests"] > 50
+    lat = report["latency_ms"]
+    assert 0 < lat["min"] <= lat["p50"] <= lat["p99"] <= lat["max"]
+    # Rates are summed over the processes: all their requests over the (nearly common) measured second.
+    assert report["throughput_rps"] == pytest.approx(report["requests"] / report["duration_s"], rel=0.2)
+
+
 def test_loadgen_reports_unknown_model(bare_server: str) -> None:
     proc = subprocess.run(
         [
