@@ -142,7 +142,7 @@ $(ITEX_VENV)/.installed: pyproject.toml Makefile
 		'pyyaml>=6' 'uvloop>=0.19' 'orjson>=3.9'
 	$(ITEX_VENV)/bin/python -m pip install -q --no-deps 'intel-extension-for-tensorflow==$(ITEX_VERSION)'
 	$(ITEX_VENV)/bin/python -m pip install -q --no-deps -e .
-	$(ITEX_VENV)/bin/python -c 'import dl_inference.worker.main, dl_inference.grpc_frontend, \
+	$(ITEX_VENV)/bin/python -c 'import dl_inference.worker.main, dl_inference.frontends.grpc_server, \
 		intel_extension_for_tensorflow as itex, tensorflow as tf; \
 		print("itex", itex.__version__, "tensorflow", tf.__version__)'
 	touch $@

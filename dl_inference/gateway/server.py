@@ -12,9 +12,9 @@ from aiohttp import web
 
 from dl_inference import offload
 from dl_inference.config import ServerSettings
-from dl_inference.gateway.http_frontend import HttpFrontend, metrics_app
+from dl_inference.frontends.grpc_server import GrpcServer
+from dl_inference.frontends.http_server import HttpFrontend, metrics_app
 from dl_inference.gateway.router import GatewayDataPlane
-from dl_inference.grpc_frontend import GrpcServer
 from dl_inference.memtrim import trim_every
 from dl_inference.security import TlsSettings
 

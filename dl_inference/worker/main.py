@@ -158,7 +158,7 @@ async def run_worker(args: argparse.Namespace, access: AccessPolicy, tls: TlsSet
             listener = await loop.create_unix_server(frontend_listener(executor, args.token), args.listen)
         link.proto.send(Kind.HELLO, 0, pack_token(args.token, loaded.config.SerializeToString()))
     if args.grpc_port is not None:
-        from dl_inference.grpc_frontend import GrpcServer
+        from dl_inference.frontends.grpc_server import GrpcServer
         from dl_inference.worker.dataplane import WorkerDataPlane
 
         dp = WorkerDataPlane(loaded, executor)

@@ -8,7 +8,7 @@ from typing import Any
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from dl_inference.gateway.http_frontend import HttpFrontend
+from dl_inference.frontends.http_server import HttpFrontend
 from dl_inference.protocol.datatypes import V2_DATATYPES
 from dl_inference.protocol.generated import grpc_service_pb2 as pb
 from dl_inference.protocol.http_codec import parse_infer_request

@@ -206,7 +206,11 @@ def test_sigterm_lets_every_frontend_finish_what_it_holds(tmp_path: Path) -> Non
     x = np.random.default_rng(0).standard_normal((16, 512)).astype(np.float32)
     records: list[tuple[float, str]] = []
     stop = threading.Event()
-    with run_server(repo, tmp_path / "server.log", "--frontends", "3") as server:
+    # As a load balancer would: a second of draining (still served) after SIGTERM, so a request the client
+    # sent just before it, still on its way, is not refused as "shutting down".
+    config = tmp_path / "server.yaml"
+    config.write_text("balancer:\n  drain_delay_s: 1.0\nstop_grace_s: 20\n")
+    with run_server(repo, tmp_path / "server.log", "--frontends", "3", "--config", str(config)) as server:
         wait_for(lambda: all(f["up"] for f in frontends(server)) and len(frontends(server)) == 3, 30)
 
         def load() -> None:

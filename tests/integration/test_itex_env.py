@@ -136,7 +136,7 @@ def test_worker_env_imports_the_worker_path_under_old_protobuf() -> None:
         """
         import google.protobuf, grpc, ml_dtypes, numpy
         import dl_inference.cli, dl_inference.worker.main, dl_inference.worker.dataplane, dl_inference.eventloop
-        import dl_inference.grpc_frontend, dl_inference.backends.tensorflow_backend
+        import dl_inference.frontends.grpc_server, dl_inference.backends.tensorflow_backend
         from dl_inference.protocol.datatypes import V2_DATATYPES, numpy_dtype
         from dl_inference.protocol.generated import grpc_service_pb2 as pb
         from dl_inference.protocol.tensors import build_response, decode_inputs, response_to_numpy, tensor_to_raw

@@ -18,7 +18,7 @@ from dl_inference.errors import InvalidArgument
 from dl_inference.sharedmem.params import CUDA, SYSTEM
 
 if TYPE_CHECKING:
-    from dl_inference.gateway.http_frontend import HttpFrontend
+    from dl_inference.frontends.http_server import HttpFrontend
 
 _PATHS = {SYSTEM: "/v2/systemsharedmemory", CUDA: "/v2/cudasharedmemory"}
 

@@ -13,13 +13,14 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import http_exceptions, http_parser, web, web_protocol
+from aiohttp import http_exceptions, web, web_protocol
 
 from dl_inference import offload
 from dl_inference.dataplane import DataPlane
 from dl_inference.errors import InvalidArgument, ServerError
-from dl_inference.gateway.http_shared_memory import add_shared_memory_routes
-from dl_inference.gateway.tfserving_http import add_tfserving_routes
+from dl_inference.frontends import aiohttp_patches
+from dl_inference.frontends.http_shared_memory import add_shared_memory_routes
+from dl_inference.frontends.tfserving_http import add_tfserving_routes
 from dl_inference.protocol.datatypes import element_size
 from dl_inference.protocol.http_codec import json_object, parse_infer_body, render_error, render_infer_body
 from dl_inference.protocol.jsonview import to_json
@@ -54,89 +55,6 @@ def _error(message: str, status: int) -> web.Response:
     return web.Response(body=render_error(message), status=status, content_type="application/json")
 
 
-def _client_http_errors_in_one_line(record: logging.LogRecord) -> bool:
-    """Filter for aiohttp's server logger: a request that is the client's fault and already answered
-    4xx is logged as one INFO line, not as an ERROR with a traceback. Those are: malformed HTTP
-    (bad headers, an unsupported Content-Encoding such as zstd) that aiohttp answers itself, and a
-    body that does not decompress, which aiohttp drains again after the handler answered it 400
-    ("Unhandled exception"). A client could otherwise fill the log with a traceback per request."""
-    exc = record.exc_info[1] if record.exc_info else None
-    if isinstance(exc, web_protocol.RequestPayloadError) or (
-        isinstance(exc, http_exceptions.HttpProcessingError) and 400 <= (exc.code or 0) < 500
-    ):
-        if isinstance(exc, web_protocol.RequestPayloadError):
-            text = f"client error (answered 400): the request body could not be read: {exc}"
-        else:
-            text = f"client error (answered {exc.code} by aiohttp): {record.getMessage()}: {exc}"
-        record.msg = " ".join(text.split())
-        record.args = ()
-        record.exc_info = None
-        record.exc_text = None
-        record.levelno = logging.INFO
-        record.levelname = "INFO"
-    return True
-
-
-logging.getLogger("aiohttp.server").addFilter(_client_http_errors_in_one_line)
-
-_aiohttp_handle_error = web_protocol.RequestHandler.handle_error
-
-
-def _handle_error_as_json(
-    self: web_protocol.RequestHandler,
-    request: Any,
-    status: int = 500,
-    exc: BaseException | None = None,
-    message: str | None = None,
-) -> web.StreamResponse:
-    """aiohttp answers a request it cannot parse (bad headers, a Content-Encoding it cannot decode
-    while parsing, such as zstd without its decoder or a corrupt deflate body) itself, before any
-    handler or middleware, with a text/plain body. Keep everything it does (logging, closing the
-    connection) but answer 4xx like every other error of this server: ``{"error": "..."}``, which
-    tritonclient parses. aiohttp offers no hook for this, so its method is wrapped."""
-    response = _aiohttp_handle_error(self, request, status, exc, message)
-    if not 400 <= status < 500:
-        return response
-    detail = exc.message if isinstance(exc, http_exceptions.HttpProcessingError) else message
-    if isinstance(exc, http_exceptions.ContentEncodingError):
-        text = f"cannot decode the request body: {detail}"
-    else:
-        text = f"malformed HTTP request: {detail or status}"
-    answer = _error(text, status)
-    answer.force_close()
-    return answer
-
-
-setattr(web_protocol.RequestHandler, "handle_error", _handle_error_as_json)  # noqa: B010
-
-
-def _deflate_eof_error_reaches_the_reader() -> None:
-    """aiohttp workaround: a ``deflate`` body whose stream does not end where the body does fails in
-    the parser only at the body's end (``DeflateBuffer.feed_eof``). When the request was already
-    handed to its handler (body in a later TCP segment than the headers), that error never reached
-    the handler's reader, which then waited for the rest of the body forever. Set the error on the
-    reader too, as aiohttp does for errors in the middle of a body: the handler answers 400."""
-    buffer_cls = getattr(http_parser, "DeflateBuffer", None)
-    original = getattr(buffer_cls, "feed_eof", None)
-    if original is None or getattr(original, "_dl_inference", False):
-        return
-
-    def feed_eof(self: Any) -> None:
-        try:
-            original(self)
-        except http_exceptions.ContentEncodingError as exc:
-            error = web_protocol.RequestPayloadError(str(exc))
-            error.__cause__ = exc
-            self.out.set_exception(error, exc)
-            raise
-
-    feed_eof._dl_inference = True  # type: ignore[attr-defined]
-    setattr(buffer_cls, "feed_eof", feed_eof)  # noqa: B010
-
-
-_deflate_eof_error_reaches_the_reader()
-
-
 def _flag(ok: bool) -> web.Response:
     return web.Response(status=200 if ok else 400)
 
@@ -155,6 +73,7 @@ class HttpFrontend:
         rate_limiter: RateLimiter | None = None,
         body_idle_timeout_s: float = 10.0,
     ) -> None:
+        aiohttp_patches.install()
         self.dp = dp
         self.body_idle_timeout_s = body_idle_timeout_s
         self.rate_limiter = rate_limiter

@@ -13,13 +13,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from dl_inference.config import GRPC_MAX_PENDING_CALLS
 from dl_inference.dataplane import DataPlane
-from dl_inference.errors import InvalidArgument, ServerError
+from dl_inference.errors import ServerError
+from dl_inference.frontends.grpc_calls import rate_limit, status_of, unary, unimplemented
 from dl_inference.protocol.generated import grpc_service_pb2 as pb
 from dl_inference.protocol.wire import peek_request, stream_response
 from dl_inference.security import (
@@ -29,7 +29,6 @@ from dl_inference.security import (
     RateLimiter,
     Role,
     TlsSettings,
-    client_key,
     grpc_role,
     token_from_headers,
 )
@@ -40,49 +39,6 @@ log = logging.getLogger(__name__)
 GRPC_PICKUP_S = 0.1  # see GrpcServer.drain
 
 SERVICE = "inference.GRPCInferenceService"
-
-
-def _status(exc: ServerError) -> grpc.StatusCode:
-    return grpc.StatusCode[exc.code.name]
-
-
-def _unary(fn: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]], req_cls: Any) -> grpc.RpcMethodHandler:
-    async def handler(request: bytes, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            # Parsed here, not by gRPC's request_deserializer: a DecodeError raised there escapes as
-            # UNKNOWN with a traceback in the log instead of the client's INVALID_ARGUMENT.
-            message = request if req_cls is None else _parse(req_cls, request)
-            return await fn(message, context)
-        except ServerError as exc:
-            await context.abort(_status(exc), exc.message)
-
-    return grpc.unary_unary_rpc_method_handler(
-        handler,
-        response_serializer=(lambda m: m.SerializeToString()) if req_cls is not None else None,
-    )
-
-
-def _parse(req_cls: Any, data: bytes) -> Any:
-    try:
-        return req_cls.FromString(data)
-    except DecodeError:
-        raise InvalidArgument(
-            f"the request is not a valid {req_cls.DESCRIPTOR.full_name} message ({len(data)} bytes)"
-        ) from None
-
-
-def _unimplemented(name: str) -> grpc.RpcMethodHandler:
-    async def handler(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{name} is not supported by this server")
-        return b""
-
-    return grpc.unary_unary_rpc_method_handler(handler)
-
-
-def _limit(limiter: RateLimiter | None, ctx: grpc.aio.ServicerContext) -> None:
-    if limiter is not None:
-        md = {k: v for k, v in (ctx.invocation_metadata() or ()) if isinstance(v, str)}
-        limiter.check(client_key(token_from_headers(md.get("authorization"), md.get("x-api-key")), ctx.peer()))
 
 
 def build_handler(dp: DataPlane, limiter: RateLimiter | None = None) -> grpc.GenericRpcHandler:
@@ -108,7 +64,7 @@ def build_handler(dp: DataPlane, limiter: RateLimiter | None = None) -> grpc.Gen
         return await dp.model_statistics(req.name, req.version)
 
     async def model_infer(payload: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
-        _limit(limiter, ctx)
+        rate_limit(limiter, ctx)
         name, version, shared = peek_request(payload)
         remaining = ctx.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
@@ -131,7 +87,7 @@ def build_handler(dp: DataPlane, limiter: RateLimiter | None = None) -> grpc.Gen
     async def stream_infer(requests: AsyncIterator[bytes], ctx: Any) -> AsyncIterator[bytes]:
         async for payload in requests:
             try:
-                _limit(limiter, ctx)
+                rate_limit(limiter, ctx)
                 name, version, shared = peek_request(payload)
                 body = await (dp.infer_shared if shared else dp.infer)(payload, name, version)
                 yield stream_response(body, "")
@@ -173,35 +129,35 @@ def build_handler(dp: DataPlane, limiter: RateLimiter | None = None) -> grpc.Gen
         return pb.CudaSharedMemoryUnregisterResponse()
 
     handlers: dict[str, grpc.RpcMethodHandler] = {
-        "ServerLive": _unary(server_live, pb.ServerLiveRequest),
-        "ServerReady": _unary(server_ready, pb.ServerReadyRequest),
-        "ModelReady": _unary(model_ready, pb.ModelReadyRequest),
-        "ServerMetadata": _unary(server_metadata, pb.ServerMetadataRequest),
-        "ModelMetadata": _unary(model_metadata, pb.ModelMetadataRequest),
-        "ModelConfig": _unary(model_config, pb.ModelConfigRequest),
-        "ModelStatistics": _unary(model_statistics, pb.ModelStatisticsRequest),
-        "ModelInfer": _unary(model_infer, None),
-        "RepositoryIndex": _unary(repository_index, pb.RepositoryIndexRequest),
-        "RepositoryModelLoad": _unary(repository_load, pb.RepositoryModelLoadRequest),
-        "RepositoryModelUnload": _unary(repository_unload, pb.RepositoryModelUnloadRequest),
+        "ServerLive": unary(server_live, pb.ServerLiveRequest),
+        "ServerReady": unary(server_ready, pb.ServerReadyRequest),
+        "ModelReady": unary(model_ready, pb.ModelReadyRequest),
+        "ServerMetadata": unary(server_metadata, pb.ServerMetadataRequest),
+        "ModelMetadata": unary(model_metadata, pb.ModelMetadataRequest),
+        "ModelConfig": unary(model_config, pb.ModelConfigRequest),
+        "ModelStatistics": unary(model_statistics, pb.ModelStatisticsRequest),
+        "ModelInfer": unary(model_infer, None),
+        "RepositoryIndex": unary(repository_index, pb.RepositoryIndexRequest),
+        "RepositoryModelLoad": unary(repository_load, pb.RepositoryModelLoadRequest),
+        "RepositoryModelUnload": unary(repository_unload, pb.RepositoryModelUnloadRequest),
         "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(stream_infer),
-        "SystemSharedMemoryStatus": _unary(system_status, pb.SystemSharedMemoryStatusRequest),
-        "SystemSharedMemoryRegister": _unary(system_register, pb.SystemSharedMemoryRegisterRequest),
-        "SystemSharedMemoryUnregister": _unary(system_unregister, pb.SystemSharedMemoryUnregisterRequest),
-        "CudaSharedMemoryStatus": _unary(cuda_status, pb.CudaSharedMemoryStatusRequest),
-        "CudaSharedMemoryRegister": _unary(cuda_register, pb.CudaSharedMemoryRegisterRequest),
-        "CudaSharedMemoryUnregister": _unary(cuda_unregister, pb.CudaSharedMemoryUnregisterRequest),
+        "SystemSharedMemoryStatus": unary(system_status, pb.SystemSharedMemoryStatusRequest),
+        "SystemSharedMemoryRegister": unary(system_register, pb.SystemSharedMemoryRegisterRequest),
+        "SystemSharedMemoryUnregister": unary(system_unregister, pb.SystemSharedMemoryUnregisterRequest),
+        "CudaSharedMemoryStatus": unary(cuda_status, pb.CudaSharedMemoryStatusRequest),
+        "CudaSharedMemoryRegister": unary(cuda_register, pb.CudaSharedMemoryRegisterRequest),
+        "CudaSharedMemoryUnregister": unary(cuda_unregister, pb.CudaSharedMemoryUnregisterRequest),
     }
     for name in (
         "TraceSetting",
         "LogSettings",
     ):
-        handlers[name] = _unimplemented(name)
+        handlers[name] = unimplemented(name)
     return grpc.method_handlers_generic_handler(SERVICE, handlers)
 
 
 def _rejecting(method: str, exc: ServerError) -> grpc.RpcMethodHandler:
-    status = _status(exc)
+    status = status_of(exc)
 
     if method.endswith("/ModelStreamInfer") or method.endswith("/Watch"):
 
@@ -282,7 +238,7 @@ class GrpcServer:
         self.server = grpc.aio.server(options=options, interceptors=interceptors)
         self.server.add_generic_rpc_handlers((build_handler(dp, rate_limiter),))
         # TF-Serving's PredictionService/ModelService; imported here because it builds on this module.
-        from dl_inference.tfserving_grpc import tfserving_handlers
+        from dl_inference.frontends.tfserving_grpc import tfserving_handlers
 
         self.server.add_generic_rpc_handlers(tfserving_handlers(dp, rate_limiter, max_message_bytes))
         self.health = health.aio.HealthServicer()

@@ -24,7 +24,7 @@ from dl_inference.security import client_key, token_from_headers
 from dl_inference.tfserving_api import TfServingApi
 
 if TYPE_CHECKING:
-    from dl_inference.gateway.http_frontend import HttpFrontend
+    from dl_inference.frontends.http_server import HttpFrontend
 
 # A path segment without '/' or ':' (aiohttp's default {name} would swallow ":predict").
 _SEG = "[^/:]+"

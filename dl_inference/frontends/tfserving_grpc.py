@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 
 from dl_inference.dataplane import DataPlane
-from dl_inference.grpc_frontend import _limit, _unary
+from dl_inference.frontends.grpc_calls import rate_limit, unary
 from dl_inference.protocol.generated import tf_serving_pb2 as tfs
 from dl_inference.protocol.tfserving import parse_request, requested_version
 from dl_inference.security import RateLimiter
@@ -53,7 +53,7 @@ def _parsed(fn: Callable[[Any, Any], Awaitable[Any]], message_class: Any) -> grp
         response = await fn(parse_request(message_class, data), ctx)
         return bytes(response.SerializeToString())
 
-    return _unary(handler, None)
+    return unary(handler, None)
 
 
 def tfserving_handlers(
@@ -63,7 +63,7 @@ def tfserving_handlers(
     api = TfServingApi(dp, max_request_bytes)
 
     async def predict(req: tfs.PredictRequest, ctx: grpc.aio.ServicerContext) -> tfs.PredictResponse:
-        _limit(limiter, ctx)
+        rate_limit(limiter, ctx)
         remaining = ctx.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
         return await api.predict(req, deadline)
