@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "frontend":
         _setup_logging(args.log_level or "INFO")
         from dl_inference.eventloop import run
-        from dl_inference.gateway.frontends import run_frontend
+        from dl_inference.gateway.frontend_processes import run_frontend
 
         return run(run_frontend(args.control, args.index))
     if args.command == "make-examples":

@@ -59,7 +59,7 @@ class ServerSettings:
     load_timeout_s: float = 600.0
     stop_grace_s: float = 10.0
     log_level: str = "INFO"
-    # Frontend processes serving the gRPC and HTTP ports (SO_REUSEPORT; dl_inference/gateway/frontends.py).
+    # Frontend processes serving the gRPC and HTTP ports (SO_REUSEPORT; dl_inference/gateway/frontend_processes.py).
     # 1: the gateway process alone; 0: automatic (see auto_frontends).
     frontends: int = 0
     # remote nodes and balancing (see dl_inference/balancer/settings.py and the README)

@@ -44,7 +44,7 @@ from dl_inference.sharedmem.registry import Region, SharedMemoryRegistry
 from dl_inference.stats import ModelStats, failure_reason
 
 if TYPE_CHECKING:
-    from dl_inference.gateway.frontends import FrontendSupervisor
+    from dl_inference.gateway.frontend_processes import FrontendSupervisor
 
 log = logging.getLogger(__name__)
 
@@ -563,7 +563,7 @@ class GatewayDataPlane(DataPlane):
         these are this process's own)."""
         if self.frontends is None:
             return (lambda mv: mv), self._remote_stats
-        from dl_inference.gateway.frontends import merged_versions
+        from dl_inference.gateway.frontend_processes import merged_versions
 
         counters = await self.frontends.collect()
         remote = dict(self._remote_stats)

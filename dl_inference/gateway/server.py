@@ -133,7 +133,7 @@ async def run_listeners(
         return 2
     supervisor = None
     if settings.frontends > 1 and not frontend:
-        from dl_inference.gateway.frontends import FrontendSupervisor
+        from dl_inference.gateway.frontend_processes import FrontendSupervisor
 
         supervisor = dp.frontends = FrontendSupervisor(dp, settings)
         await supervisor.start()

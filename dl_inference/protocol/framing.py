@@ -15,7 +15,7 @@ Frame = header ``<IQBB2x`` (payload length, request id, kind, error code) + payl
 * ``FORGET_REGIONS`` gateway -> worker: shared-memory registrations that are gone (JSON list of
   generations); the worker unmaps them.
 * ``ATTACH``, ``CALL``, ``ANSWER``, ``SNAPSHOT``, ``COLLECT``: several frontends (see
-  :mod:`dl_inference.gateway.frontends`).
+  :mod:`dl_inference.gateway.frontend_processes`).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import pytest
 from dl_inference import config
 from dl_inference.config import ServerSettings, auto_frontends, usable_cores
 from dl_inference.errors import InvalidArgument, NotFound
-from dl_inference.gateway.frontends import Counters, _add, _dump, _error_payload, _load
+from dl_inference.gateway.frontend_processes import Counters, _add, _dump, _error_payload, _load
 from dl_inference.protocol.framing import ExecStats
 from dl_inference.protocol.generated import grpc_service_pb2 as pb
 from dl_inference.stats import ModelStats
@@ -93,7 +93,7 @@ def test_the_control_socket_unpickles_nothing_before_the_token_matched(tmp_path:
     """A stranger's HELLO (a pickle that would run code, a bad token, garbage) closes the connection."""
     import asyncio
 
-    from dl_inference.gateway.frontends import FrontendSupervisor
+    from dl_inference.gateway.frontend_processes import FrontendSupervisor
     from dl_inference.protocol.framing import HEADER, Kind, pack_token
 
     class Evil:
