@@ -25,20 +25,20 @@ The client shares the machine with the servers; the numbers depend on the machin
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from load_tests.bench_tiny import (
     BenchError,
     Server,
+    finish,
     free_port,
     machine_info,
     ours_command,
+    run_in_workdir,
     run_loadgen,
     start_server,
     stop_server,
@@ -208,20 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=8.0, help="measured seconds per run")
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--keep-logs", action="store_true", help="keep the temp dir with the server logs (kept on errors)")
     args = p.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="bench-frontdoor-") as tmp:
-        try:
-            result = bench(args, Path(tmp))
-        except BenchError as exc:
-            print(f"bench_frontdoor: {exc}", file=sys.stderr)
-            return 1
-    text = report_text(result)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1))
-        args.json.with_suffix(".txt").write_text(text + "\n")
-    return 0
+    result = run_in_workdir("bench_frontdoor", args.keep_logs, lambda work: bench(args, work))
+    return finish(result, report_text, args.json)
 
 
 if __name__ == "__main__":

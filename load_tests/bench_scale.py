@@ -8,7 +8,8 @@ sharing one port with SO_REUSEPORT (one process each: gRPC + ONNX Runtime in-pro
 Load comes from ``--procs`` client processes (``load_tests.loadgen``, one gRPC connection each, ``--conc``
 requests in flight each), so it is not one Python client that saturates: the kernel spreads those
 connections over the server's processes. Each target runs ``--rounds`` times, alternating; the table
-shows median aggregate throughput (sum over client processes) and median client p50/p99, and the
+shows median aggregate throughput (sum over client processes) and median p50/p99 (each over every
+request of a round; ``loadgen --processes`` merges them), and the
 ratios the issue asks for: ours with the most frontends / ours with one (target >= 5 on 16 cores
 with 8 frontends), and / the bare processes (target >= 0.6).
 
@@ -21,24 +22,22 @@ Run from the repository root (the client processes share the machine with the se
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from load_tests.bench_tiny import (
-    REPO_ROOT,
-    BenchError,
     Server,
+    finish,
     free_port,
     machine_info,
     ours_command,
+    run_in_workdir,
+    run_loadgen,
     start_server,
     stop_server,
     wait_ready,
@@ -61,31 +60,16 @@ def write_repo(root: Path, instances: int) -> Path:
 
 
 def parallel_load(url: str, procs: int, conc: int, duration: float, warmup: float, work: Path) -> dict[str, Any]:
-    """``procs`` loadgen processes at once; their summed throughput and median latencies."""
-    outs = [work / f"load{i}.json" for i in range(procs)]
-    for out in outs:
-        out.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "load_tests.loadgen", "--url", url, "--protocol", "grpc", "--model", MODEL,
-           "--concurrency", str(conc), "--duration", str(duration), "--warmup", str(warmup)]  # fmt: skip
-    running = [
-        subprocess.Popen([*cmd, "--json", str(out), "--seed", str(i)], cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, text=True)
-        for i, out in enumerate(outs)
-    ]  # fmt: skip
-    errors = []
-    for proc in running:
-        _, err = proc.communicate(timeout=duration + warmup + 120)
-        if proc.returncode not in (0, 1):
-            errors.append(err[-500:])
-    reports = [json.loads(out.read_text()) for out in outs if out.exists()]
-    if len(reports) < procs:
-        raise BenchError(f"{procs - len(reports)} of {procs} load processes failed on {url}: {errors[:1]}")
+    """``loadgen --processes procs`` (one connection each, ``conc`` in flight each): summed throughput,
+    latency percentiles over every request."""
+    report = run_loadgen(url, "grpc", procs * conc, duration, warmup, work / "load.json", MODEL,
+                         ("--processes", str(procs)))  # fmt: skip
     return {
-        "throughput_rps": sum(r["throughput_rps"] for r in reports),
-        "p50_ms": statistics.median(r["latency_ms"]["p50"] for r in reports),
-        "p99_ms": statistics.median(r["latency_ms"]["p99"] for r in reports),
-        "errors": sum(r["errors"] for r in reports),
-        "requests": sum(r["requests"] for r in reports),
+        "throughput_rps": report["throughput_rps"],
+        "p50_ms": report["latency_ms"]["p50"],
+        "p99_ms": report["latency_ms"]["p99"],
+        "errors": report["errors"],
+        "requests": report["requests"],
     }
 
 
@@ -178,20 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--keep-logs", action="store_true", help="keep the temp dir with the server logs (kept on errors)")
     args = p.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
-        try:
-            result = bench(args, Path(tmp))
-        except BenchError as exc:
-            print(f"bench_scale: {exc}", file=sys.stderr)
-            return 1
-    text = report_text(result)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1))
-        args.json.with_suffix(".txt").write_text(text + "\n")
-    return 0
+    result = run_in_workdir("bench_scale", args.keep_logs, lambda work: bench(args, work))
+    return finish(result, report_text, args.json)
 
 
 if __name__ == "__main__":

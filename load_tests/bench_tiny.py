@@ -538,6 +538,19 @@ def write_json(result: dict[str, Any], path: Path) -> None:
     print(f"wrote {path}")
 
 
+def finish(result: dict[str, Any] | None, text: Callable[[dict[str, Any]], str], path: Path | None) -> int:
+    """A bench's end: print its table and, given ``path``, write the result there and the table beside
+    it (``.txt``); exit status 1 when the bench failed (``result`` None)."""
+    if result is None:
+        return 1
+    table = text(result)
+    print(table)
+    if path is not None:
+        write_json(result, path)
+        path.with_suffix(".txt").write_text(table + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m load_tests.bench_tiny", description="bare server vs dl-inference serve")
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds per run")

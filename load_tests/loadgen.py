@@ -584,21 +584,25 @@ async def _cpu_probe(state: _State, t_start: float, t_end: float) -> None:
         state.cpu_window.append(time.process_time())
 
 
+def latency_summary(lat_ms: np.ndarray) -> dict[str, float | None]:
+    """The report's ``latency_ms``: percentiles, max, min and mean of the latencies (ms); None when empty."""
+    if not lat_ms.size:
+        return dict.fromkeys(("p50", "p90", "p95", "p99", "max", "min", "mean"))
+    p50, p90, p95, p99 = (float(v) for v in np.percentile(lat_ms, [50, 90, 95, 99]))
+    return {
+        "p50": p50,
+        "p90": p90,
+        "p95": p95,
+        "p99": p99,
+        "max": float(lat_ms.max()),
+        "min": float(lat_ms.min()),
+        "mean": float(lat_ms.mean()),
+    }
+
+
 def summarize(state: _State, cfg: LoadConfig, work: Workload, loop_name: str, measured: float) -> dict[str, Any]:
     lat_ms = np.asarray(state.latencies, dtype=np.float64) * 1000.0
-    if lat_ms.size:
-        p50, p90, p95, p99 = (float(v) for v in np.percentile(lat_ms, [50, 90, 95, 99]))
-        latency: dict[str, float | None] = {
-            "p50": p50,
-            "p90": p90,
-            "p95": p95,
-            "p99": p99,
-            "max": float(lat_ms.max()),
-            "min": float(lat_ms.min()),
-            "mean": float(lat_ms.mean()),
-        }
-    else:
-        latency = dict.fromkeys(("p50", "p90", "p95", "p99", "max", "min", "mean"))
+    latency = latency_summary(lat_ms)
     if cfg.latencies_out:
         np.save(cfg.latencies_out, lat_ms)
     n_ok = int(lat_ms.size)
@@ -779,11 +783,7 @@ def run_processes(argv: list[str], processes: int, concurrency: int, seed: int, 
         if key in merged:
             merged[key] = dict(sum((collections.Counter(r[key]) for r in reports), collections.Counter()))
     merged["error_samples"] = {k: v for r in reports for k, v in r.get("error_samples", {}).items()}
-    lat_ms = np.concatenate(latencies) if latencies else np.empty(0)
-    if lat_ms.size:
-        p50, p90, p95, p99 = (float(v) for v in np.percentile(lat_ms, [50, 90, 95, 99]))
-        merged["latency_ms"] = {"p50": p50, "p90": p90, "p95": p95, "p99": p99, "max": float(lat_ms.max()),
-                                "min": float(lat_ms.min()), "mean": float(lat_ms.mean())}  # fmt: skip
+    merged["latency_ms"] = latency_summary(np.concatenate(latencies))
     merged["concurrency"] = concurrency
     merged["processes"] = processes
     return merged
