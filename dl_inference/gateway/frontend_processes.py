@@ -43,10 +43,10 @@ import signal
 import struct
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from google.protobuf.message import Message
 
@@ -62,9 +62,6 @@ from dl_inference.protocol.generated import grpc_service_pb2 as pb
 from dl_inference.protocol.generated import model_config_pb2 as mc
 from dl_inference.sharedmem.params import uses_shared_memory
 from dl_inference.stats import ModelStats
-
-if TYPE_CHECKING:
-    from collections.abc import Mapping
 
 log = logging.getLogger(__name__)
 
@@ -372,11 +369,16 @@ class FrontendSupervisor:
             self._server.close()
 
 
+def _merge_stats(into: dict[Any, ModelStats], more: Mapping[Any, ModelStats]) -> dict[Any, ModelStats]:
+    """``into`` (a copy) with ``more``'s counters added key by key."""
+    out = dict(into)
+    for key, stats in more.items():
+        out[key] = out[key].merged([stats]) if key in out else stats
+    return out
+
+
 def _add(a: Counters, b: Counters) -> Counters:
-    models = dict(a.models)
-    for key, stats in b.models.items():
-        models[key] = models[key].merged([stats]) if key in models else stats
-    return Counters(models, a.requests + b.requests)
+    return Counters(_merge_stats(a.models, b.models), a.requests + b.requests)
 
 
 # -- a frontend's side -----------------------------------------------------------------------------
@@ -456,6 +458,7 @@ class FrontendDataPlane(GatewayDataPlane):
         self._first_table = asyncio.Event()
         self._serials: dict[str, int] = {}
         self._connecting: set[int] = set()  # id() of instances whose connection is being opened
+        self._local_weight = settings.balancer_settings().local_weight
 
     async def start(self) -> None:
         await self.balancer.start()
@@ -498,7 +501,7 @@ class FrontendDataPlane(GatewayDataPlane):
         mv.state, mv.reason, mv.load_seconds = state, reason, load_seconds
         if config and (mv.config is None or mv.config.SerializeToString() != config):
             mv.config = mc.ModelConfig.FromString(config)
-        weight = self.settings.balancer_settings().local_weight
+        weight = self._local_weight
         for index, path, token, ready in instances:
             while len(mv.instances) <= index:  # placeholders until their worker is known
                 spec = WorkerSpec(Path(self.settings.model_repository), model.name, v, len(mv.instances))
@@ -589,15 +592,19 @@ class FrontendDataPlane(GatewayDataPlane):
         return await self.control.call("shared_memory_status", kind, name)  # type: ignore[no-any-return]
 
 
-def merged_versions(dp: GatewayDataPlane, counters: Counters) -> Callable[[ModelVersion], ModelVersion]:
-    """The supervisor's model versions with every frontend's counters added (for statistics, metrics)."""
+def merged_view(
+    dp: GatewayDataPlane, counters: Counters
+) -> tuple[Callable[[ModelVersion], ModelVersion], dict[tuple[str, str], ModelStats]]:
+    """The supervisor's model versions, and its remote-model counters, with every frontend's counters
+    added (for statistics and metrics). Remote-model counters are keyed with serial 0."""
 
     def view(mv: ModelVersion) -> ModelVersion:
         model = dp.models.get(mv.name)
         extra = counters.models.get((mv.name, mv.version, id(model)))
         return replace(mv, stats=mv.stats.merged([extra])) if extra is not None else mv
 
-    return view
+    remote = {(name, version): stats for (name, version, serial), stats in counters.models.items() if serial == 0}
+    return view, _merge_stats(dp._remote_stats, remote)
 
 
 async def run_frontend(control_path: str, index: int) -> int:

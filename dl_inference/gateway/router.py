@@ -563,15 +563,9 @@ class GatewayDataPlane(DataPlane):
         these are this process's own)."""
         if self.frontends is None:
             return (lambda mv: mv), self._remote_stats
-        from dl_inference.gateway.frontend_processes import merged_versions
+        from dl_inference.gateway.frontend_processes import merged_view
 
-        counters = await self.frontends.collect()
-        remote = dict(self._remote_stats)
-        for (model_name, model_version, serial), stats in counters.models.items():
-            if serial == 0 and isinstance(model_version, str):
-                mine = remote.get((model_name, model_version))
-                remote[(model_name, model_version)] = mine.merged([stats]) if mine is not None else stats
-        return merged_versions(self, counters), remote
+        return merged_view(self, await self.frontends.collect())
 
     async def model_statistics(self, name: str, version: str) -> pb.ModelStatisticsResponse:
         view, remote_stats = await self._counted()
