@@ -101,6 +101,7 @@ from load_tests.bench_tiny import (
     machine_info,
     ours_command,
     ratio,
+    run_loadgen,
     sigterm_as_interrupt,
     start_server,
     stop_server,
@@ -556,10 +557,17 @@ def measure(
         connections=1 if shared_memory else args.connections,
     )
     before = model_stats(server, model)
-    try:
-        report = run_load(cfg)
-    except LoadgenError as exc:
-        raise BenchError(f"loadgen could not run on {model}: {exc}") from None
+    if args.client_processes > 1 and not input_data and not shared_memory:
+        extra = ("--processes", str(args.client_processes), "--connections", str(args.connections),
+                 "--batch", str(request_batch), "--request-timeout", str(args.request_timeout))  # fmt: skip
+        with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:
+            report = run_loadgen(server.grpc_url, "grpc", concurrency, args.duration, args.warmup,
+                                 Path(tmp) / "load.json", model, extra)  # fmt: skip
+    else:
+        try:
+            report = run_load(cfg)
+        except LoadgenError as exc:
+            raise BenchError(f"loadgen could not run on {model}: {exc}") from None
     report["server_stats"] = stats_delta(before, model_stats(server, model))
     if report["requests"] == 0:
         raise BenchError(f"no request to {model} succeeded at c={concurrency}: {report['error_samples']}")
@@ -848,9 +856,10 @@ def run_ceiling(spec: dict[str, Any], workdir: Path, say: Output) -> list[dict[s
 # report
 
 
-def summary_row(model: str, concurrency: int, rep: dict[str, Any]) -> dict[str, Any]:
+def summary_row(model: str, concurrency: int, rep: dict[str, Any], frontends: int = 1) -> dict[str, Any]:
     return {
         "model": model,
+        "frontends": frontends,
         "concurrency": concurrency,
         "request_batch": rep["batch"],
         "images_per_s": rep["throughput_rps"] * rep["batch"],
@@ -868,13 +877,13 @@ def _num(v: float | None, fmt: str) -> str:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     head = (
-        f"{'model':<25} | {'conc':>4} | {'img/req':>7} | {'images/s':>9} | {'p50 ms':>8} | {'p99 ms':>8} | "
-        f"{'avg batch':>9}"
+        f"{'model':<25} | {'frontends':>9} | {'conc':>4} | {'img/req':>7} | {'images/s':>9} | {'p50 ms':>8} | "
+        f"{'p99 ms':>8} | {'avg batch':>9}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['model']:<25} | {r['concurrency']:>4} | {r.get('request_batch', 1):>7} | "
+            f"{r['model']:<25} | {r.get('frontends', 1):>9} | {r['concurrency']:>4} | {r.get('request_batch', 1):>7} | "
             f"{_num(r['images_per_s'], '9.1f')} | "
             f"{_num(r['p50_ms'], '8.2f')} | {_num(r['p99_ms'], '8.2f')} | {_num(r['avg_batch'], '9.2f')}"
             + (f"   errors {r['errors']}" if r["errors"] else "")
@@ -896,9 +905,43 @@ def format_ceiling(rows: list[dict[str, Any]]) -> str:
 SHM_TARGETS = {"system": 0.5, "cuda": 0.7}
 
 
+# issue 18: served images/s at the highest concurrency with several frontends (today's 1,432 x 4 for FP32 input)
+FRONTENDS_TARGETS = {COMPILED: 4 * 1432.0, COMPILED_U8: 10000.0}
+
+
 def ratios(rows: list[dict[str, Any]], ceiling: list[dict[str, Any]]) -> dict[str, Any]:
+    """The targets and comparisons, over the rows of the server with the most frontends, and (with
+    several servers) each model's images/s with the most frontends / with the fewest."""
     if not rows:
         return {}
+    most = max(r.get("frontends", 1) for r in rows)
+    fewest = min(r.get("frontends", 1) for r in rows)
+    out = single_server_ratios([r for r in rows if r.get("frontends", 1) == most], ceiling)
+    hi = max(r["concurrency"] for r in rows if r.get("request_batch", 1) == 1)
+    cell = {
+        (r["model"], r.get("frontends", 1)): r["images_per_s"]
+        for r in rows
+        if r["concurrency"] == hi and r.get("request_batch", 1) == 1
+    }
+    for model in MODELS:
+        if most > 1 and model in FRONTENDS_TARGETS and (model, most) in cell:
+            out[f"{model}_frontends{most}"] = {
+                "what": f"{model} served images/s at c={hi} with --frontends {most}",
+                "value": cell[(model, most)],
+                "target": f">= {FRONTENDS_TARGETS[model]:g}",
+                "met": cell[(model, most)] >= FRONTENDS_TARGETS[model],
+            }
+        if most != fewest and (model, most) in cell and (model, fewest) in cell:
+            out[f"{model}_frontends{most}_over_{fewest}"] = {
+                "what": f"{model} at c={hi}: --frontends {most} / --frontends {fewest}",
+                "value": ratio(cell[(model, most)], cell[(model, fewest)]),
+                "target": "info",
+                "met": True,
+            }
+    return out
+
+
+def single_server_ratios(rows: list[dict[str, Any]], ceiling: list[dict[str, Any]]) -> dict[str, Any]:
     single = [r for r in rows if r.get("request_batch", 1) == 1]
     hi = max(r["concurrency"] for r in single)
     cell = {(r["model"], r["concurrency"]): r for r in single}
@@ -1111,6 +1154,7 @@ def bench(args: argparse.Namespace, workdir: Path, say: Output) -> dict[str, Any
             "instances": args.instances,
             "frontends": args.frontends,
             "connections": args.connections,
+            "client_processes": args.client_processes,
             "compile_mode": args.compile_mode,
             "compile_batch_sizes": args.compile_batch_sizes,
             "concurrency": args.concurrency,
@@ -1135,68 +1179,8 @@ def bench(args: argparse.Namespace, workdir: Path, say: Output) -> dict[str, Any
         say.save(result, complete)
         return result
 
-    if not args.ceiling_only:
-        grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
-        settings = workdir / "server.yaml"
-        settings.write_text(f"load_timeout_s: {args.load_timeout}\nlog_level: INFO\n")
-        cmd = [
-            *ours_command(repo, grpc_port, http_port, metrics_port),
-            "--model-control-mode",
-            "explicit",
-            "--host",
-            "127.0.0.1",
-            "--config",
-            str(settings),
-            "--frontends",
-            str(args.frontends),
-        ]
-        server = start_server(
-            "dl-inference serve", cmd, workdir / "server.log", f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}"
-        )
-        try:
-            took = wait_ready(server, args.ready_timeout, ())
-            say.progress(
-                f"server ready in {took:.1f} s (gRPC {server.grpc_url}, HTTP {server.http_url}, pid {server.proc.pid})"
-            )
-            jpegs = jpeg_pool(args.image, seed=args.seed) if set(args.models) & set(JPEG_MODELS) else None
-            if jpegs is not None:
-                sizes = [len(row[0]) for row in jpegs]
-                result["config"]["jpeg"] = {
-                    "images": len(sizes),
-                    "quality": JPEG_QUALITY,
-                    "mean_bytes": sum(sizes) / len(sizes),
-                    "what": "synthetic photo-like (load_tests/synthetic_jpeg.py)",
-                }
-            for model in args.models:
-                data = {"image": jpegs} if model in JPEG_MODELS and jpegs is not None else None
-                result["load_seconds"][model] = load_model(server, model, args.load_timeout, say)
-                for conc in args.concurrency:
-                    rep = measure(server, model, conc, args, input_data=data)
-                    rep["model_name"] = model
-                    result["runs"].append(rep)
-                    result["summary"].append(summary_row(model, conc, rep))
-                    report_progress(say, rep)
-                for kind in [] if data is not None else args.shared_memory:  # tensors through shared memory
-                    for conc in args.concurrency:
-                        for batch in sorted({1, args.request_batch}):
-                            rep = measure(server, model, conc, args, request_batch=batch, shared_memory=kind)
-                            rep["model_name"] = f"{model}+{kind}_shm"
-                            result["runs"].append(rep)
-                            result["summary"].append(summary_row(rep["model_name"], conc, rep))
-                            report_progress(say, rep)
-                if args.request_batch > 1:
-                    for conc in args.batched_concurrency:
-                        rep = measure(server, model, conc, args, request_batch=args.request_batch, input_data=data)
-                        rep["model_name"] = model
-                        result["runs"].append(rep)
-                        result["summary"].append(summary_row(model, conc, rep))
-                        report_progress(say, rep)
-                took = unload_model(server, model, args.load_timeout)
-                mem = gpu_memory_used() if args.device == "gpu" else None
-                say.progress(f"unloaded {model} in {took:.1f} s" + (f" (GPU memory used now {mem})" if mem else ""))
-                finish(complete=False)  # partial results on disk, in case the run is cut short
-        finally:
-            stop_server(server)
+    for frontends in [] if args.ceiling_only else sorted(args.frontends, reverse=True):
+        serve_and_measure(args, frontends, repo, workdir, say, result, finish)
     if args.ceiling:
         say.progress(f"in-process ceiling at batch {args.ceiling_batch} (subprocess) ...")
         spec = {
@@ -1213,6 +1197,85 @@ def bench(args: argparse.Namespace, workdir: Path, say: Output) -> dict[str, Any
         }
         result["ceiling"] = run_ceiling(spec, workdir, say)
     return finish(complete=False)
+
+
+def serve_and_measure(
+    args: argparse.Namespace,
+    frontends: int,
+    repo: Path,
+    workdir: Path,
+    say: Output,
+    result: dict[str, Any],
+    finish: Callable[[bool], Any],
+) -> None:
+    """One server (``serve --frontends frontends``): each model loaded, measured and unloaded in turn."""
+    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
+    settings = workdir / "server.yaml"
+    settings.write_text(f"load_timeout_s: {args.load_timeout}\nlog_level: INFO\n")
+    cmd = [
+        *ours_command(repo, grpc_port, http_port, metrics_port),
+        "--model-control-mode",
+        "explicit",
+        "--host",
+        "127.0.0.1",
+        "--config",
+        str(settings),
+        "--frontends",
+        str(frontends),
+    ]
+    server = start_server(
+        f"dl-inference serve --frontends {frontends}",
+        cmd,
+        workdir / f"server_frontends{frontends}.log",
+        f"127.0.0.1:{grpc_port}",
+        f"http://127.0.0.1:{http_port}",
+    )
+    try:
+        took = wait_ready(server, args.ready_timeout, ())
+        say.progress(
+            f"server (--frontends {frontends}) ready in {took:.1f} s (gRPC {server.grpc_url}, "
+            f"HTTP {server.http_url}, pid {server.proc.pid})"
+        )
+        jpegs = jpeg_pool(args.image, seed=args.seed) if set(args.models) & set(JPEG_MODELS) else None
+        if jpegs is not None:
+            sizes = [len(row[0]) for row in jpegs]
+            result["config"]["jpeg"] = {
+                "images": len(sizes),
+                "quality": JPEG_QUALITY,
+                "mean_bytes": sum(sizes) / len(sizes),
+                "what": "synthetic photo-like (load_tests/synthetic_jpeg.py)",
+            }
+
+        def record(name: str, conc: int, rep: dict[str, Any]) -> None:
+            rep["model_name"], rep["frontends"] = name, frontends
+            result["runs"].append(rep)
+            result["summary"].append(summary_row(name, conc, rep, frontends))
+            report_progress(say, rep)
+
+        for model in args.models:
+            data = {"image": jpegs} if model in JPEG_MODELS and jpegs is not None else None
+            key = model if len(args.frontends) == 1 else f"{model} (--frontends {frontends})"
+            result["load_seconds"][key] = load_model(server, model, args.load_timeout, say)
+            for conc in args.concurrency:
+                record(model, conc, measure(server, model, conc, args, input_data=data))
+            for kind in [] if data is not None else args.shared_memory:  # tensors through shared memory
+                for conc in args.concurrency:
+                    for batch in sorted({1, args.request_batch}):
+                        rep = measure(server, model, conc, args, request_batch=batch, shared_memory=kind)
+                        record(f"{model}+{kind}_shm", conc, rep)
+            if args.request_batch > 1:
+                for conc in args.batched_concurrency:
+                    record(
+                        model,
+                        conc,
+                        measure(server, model, conc, args, request_batch=args.request_batch, input_data=data),
+                    )
+            took = unload_model(server, model, args.load_timeout)
+            mem = gpu_memory_used() if args.device == "gpu" else None
+            say.progress(f"unloaded {model} in {took:.1f} s" + (f" (GPU memory used now {mem})" if mem else ""))
+            finish(False)  # partial results on disk, in case the run is cut short
+    finally:
+        stop_server(server)
 
 
 def _int_list(text: str) -> list[int]:
@@ -1258,8 +1321,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=None, help="default 64; quick 4")
     p.add_argument("--delay-us", type=int, default=1000, help="max_queue_delay_microseconds (default 1000)")
     p.add_argument("--instances", type=int, default=1, help="instances of each model (instance_group count)")
-    p.add_argument("--frontends", type=int, default=1, help="serve --frontends (processes on the ports)")
-    p.add_argument("--connections", type=int, default=1, help="gRPC connections the client's requests take turns on")
+    p.add_argument(
+        "--frontends",
+        type=_int_list,
+        default=[1],
+        help="serve --frontends (processes on the ports); a comma list runs one server after another, "
+        "most frontends first, in one report",
+    )
+    p.add_argument(
+        "--connections",
+        type=int,
+        default=1,
+        help="gRPC connections the requests of each client process take turns on",
+    )
+    p.add_argument(
+        "--client-processes",
+        type=int,
+        default=1,
+        help="load from this many loadgen processes (the concurrency shared; one Python client tops out "
+        "near a core); inline tensors only",
+    )
     p.add_argument(
         "--request-batch",
         type=int,

@@ -68,6 +68,7 @@ log = logging.getLogger(__name__)
 FRONTEND_TOKEN_ENV = "DL_INFERENCE_FRONTEND_TOKEN"
 PUBLISH_EVERY_S = 0.1  # how often the supervisor looks for a changed model table
 COLLECT_TIMEOUT_S = 2.0  # a frontend that does not hand over its counters this fast is left out once
+SYNC_TIMEOUT_S = 10.0  # how long a load or unload waits for every frontend to apply the new model table
 RESTART_BACKOFF_S = (0.2, 10.0)  # first delay, doubling per death in a row, up to the second
 STEADY_S = 60.0  # a frontend that served this long before dying restarts after the first delay again
 
@@ -140,7 +141,7 @@ class _Follower:
         self.proto: FrameProtocol | None = None
         self.pid = 0
         self.last: Counters = Counters({}, 0)  # as of the last collection
-        self.collects: dict[int, asyncio.Future[Counters]] = {}
+        self.waiting: dict[int, asyncio.Future[Any]] = {}  # COLLECT and acknowledged SNAPSHOT, by rid
         self.starts = 0
         self.started_at = 0.0
         self.failures = 0  # deaths in a row, each within STEADY_S of its start (the restart backoff)
@@ -213,10 +214,10 @@ class FrontendSupervisor:
         self.departed = _add(self.departed, follower.last)
         follower.last = Counters({}, 0)
         follower.proto = None
-        for fut in follower.collects.values():
+        for fut in follower.waiting.values():
             if not fut.done():
                 fut.set_exception(Unavailable(f"frontend {follower.index} went away"))
-        follower.collects.clear()
+        follower.waiting.clear()
 
     def _accept(self) -> FrameProtocol:
         proto = FrameProtocol(lambda *a: None, lambda exc: None)
@@ -253,7 +254,7 @@ class FrontendSupervisor:
         if kind is Kind.CALL:
             self._spawn_task(self._answer(follower, rid, payload))
         elif kind is Kind.ANSWER:
-            fut = follower.collects.pop(rid, None)
+            fut = follower.waiting.pop(rid, None)
             if fut is not None and not fut.done():
                 fut.set_result(pickle.loads(payload))
         else:
@@ -307,24 +308,45 @@ class FrontendSupervisor:
             if follower.proto is not None:
                 follower.proto.send(Kind.SNAPSHOT, 0, data)
 
+    async def sync(self) -> None:
+        """Publish the model table now and wait until every live frontend has applied it (and opened
+        its connections to ready workers): after a load or unload returns, whichever frontend the
+        client's next request lands on sees the change."""
+        data = _dump(self.snapshot())
+        self._snapshot = data
+
+        async def one(follower: _Follower) -> None:
+            if await self._ask(follower, Kind.SNAPSHOT, data, SYNC_TIMEOUT_S) is None:
+                log.warning("frontend %d did not confirm the new model table in %.0f s", follower.index, SYNC_TIMEOUT_S)
+
+        await asyncio.gather(*(one(f) for f in self.followers.values()))
+
+    async def _ask(self, follower: _Follower, kind: Kind, payload: bytes, timeout: float) -> Any:
+        """Send a frame that the frontend answers; its answer, or None when it has none in time."""
+        proto = follower.proto
+        if proto is None:
+            return None
+        rid = next(self._ids)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        follower.waiting[rid] = fut
+        proto.send(kind, rid, payload)
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except (TimeoutError, ServerError):
+            return None
+        finally:
+            follower.waiting.pop(rid, None)
+
     # -- server-wide counters -------------------------------------------------------------------
     async def collect(self) -> Counters:
         """Every live frontend's counters now, plus what departed ones had counted."""
 
         async def one(follower: _Follower) -> None:
-            proto = follower.proto
-            if proto is None:
-                return
-            rid = next(self._ids)
-            fut: asyncio.Future[Counters] = asyncio.get_running_loop().create_future()
-            follower.collects[rid] = fut
-            proto.send(Kind.COLLECT, rid, b"")
-            try:
-                follower.last = await asyncio.wait_for(fut, COLLECT_TIMEOUT_S)
-            except (TimeoutError, ServerError):
+            counters = await self._ask(follower, Kind.COLLECT, b"", COLLECT_TIMEOUT_S)
+            if counters is None:
                 log.warning("frontend %d did not hand over its counters; its last ones are used", follower.index)
-            finally:
-                follower.collects.pop(rid, None)
+            else:
+                follower.last = counters
 
         await asyncio.gather(*(one(f) for f in self.followers.values()))
         total = self.departed
@@ -415,13 +437,21 @@ class ControlClient:
         elif kind is Kind.SNAPSHOT:
             if self.dp is None:
                 self._early_snapshot = payload
+                if rid:
+                    self.proto.send(Kind.ANSWER, rid, _dump(True))
             else:
                 self.dp.apply(pickle.loads(payload))
+                if rid:  # the supervisor waits for this table to be in use here
+                    asyncio.get_running_loop().create_task(self._confirm(self.dp, rid))
         elif kind is Kind.COLLECT:
             counters = self.dp.counters() if self.dp is not None else Counters({}, 0)
             self.proto.send(Kind.ANSWER, rid, _dump(counters))
         else:
             log.warning("unexpected frame kind %s from the supervisor", kind)
+
+    async def _confirm(self, dp: FrontendDataPlane, rid: int) -> None:
+        await dp.settled()
+        self.proto.send(Kind.ANSWER, rid, _dump(True))
 
     def attach(self, dp: FrontendDataPlane) -> None:
         self.dp = dp
@@ -457,7 +487,7 @@ class FrontendDataPlane(GatewayDataPlane):
         self._table_ready = False
         self._first_table = asyncio.Event()
         self._serials: dict[str, int] = {}
-        self._connecting: set[int] = set()  # id() of instances whose connection is being opened
+        self._connecting: dict[int, asyncio.Task[None]] = {}  # by id() of the instance: connections being opened
         self._local_weight = settings.balancer_settings().local_weight
 
     async def start(self) -> None:
@@ -519,8 +549,12 @@ class FrontendDataPlane(GatewayDataPlane):
                     mv.endpoints.append(LocalEndpoint(inst, weight, self.balancer.clock))
             # The worker listens from the moment the supervisor heard its HELLO (ready), not before.
             if ready and path and inst.proto is None and id(inst) not in self._connecting:
-                self._connecting.add(id(inst))
-                self._spawn_task(self._connect(inst, mv))
+                self._connecting[id(inst)] = asyncio.get_running_loop().create_task(self._connect(inst, mv))
+
+    async def settled(self) -> None:
+        """Once the connections the model table asked for are open (or failed)."""
+        while self._connecting:
+            await asyncio.wait(list(self._connecting.values()))
 
     async def _connect(self, inst: WorkerInstance, mv: ModelVersion) -> None:
         try:
@@ -532,7 +566,7 @@ class FrontendDataPlane(GatewayDataPlane):
             log.warning("frontend %d cannot reach worker %s: %s", self.index, inst.spec.label, exc)
             return
         finally:
-            self._connecting.discard(id(inst))
+            self._connecting.pop(id(inst), None)
         if mv.instances[inst.spec.index] is not inst:  # replaced while connecting
             proto.transport.close()  # type: ignore[union-attr]
             return

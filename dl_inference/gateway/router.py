@@ -271,7 +271,10 @@ class GatewayDataPlane(DataPlane):
                 f"models only from the files in its repository"
             )
         source = await asyncio.to_thread(scan_model, self.repository, name)
-        await self._load(source)
+        try:
+            await self._load(source)
+        finally:
+            await self._announce()
 
     async def unload_model(self, name: str) -> None:
         if self.settings.model_control_mode != "explicit":
@@ -285,7 +288,15 @@ class GatewayDataPlane(DataPlane):
                     return
                 raise NotFound(f"unknown model '{name}'")
             self._unloaded.add(name)
-        await self._retire(model)
+        try:
+            await self._retire(model)
+        finally:
+            await self._announce()
+
+    async def _announce(self) -> None:
+        """After a load or unload: every frontend process uses the new model table before it returns."""
+        if self.frontends is not None:
+            await self.frontends.sync()
 
     async def repository_index(self, ready_only: bool) -> pb.RepositoryIndexResponse:
         names = await asyncio.to_thread(self._repository_names)
