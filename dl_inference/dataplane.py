@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import enum
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -25,12 +26,34 @@ from dl_inference.stats import ModelStats, failure_reason
 EXTENSIONS = ("binary_tensor_data", "statistics", "model_configuration", "model_repository", "schedule_policy")
 
 
+class Phase(enum.IntEnum):
+    """Where a server is in its life; it only ever moves forward (:meth:`DataPlane.advance`)."""
+
+    STARTING = 0  # listeners up (live), models loading: not ready
+    SERVING = 1  # ready
+    DRAINING = 2  # shutting down: not ready (load balancers notice), requests still served
+    REFUSING = 3  # new inference requests get UNAVAILABLE "shutting down"; those in flight finish
+    CLOSED = 4  # workers and connections gone
+
+
 class DataPlane(abc.ABC):
     """Server operations, transport-free. Version ``""`` means the model's latest ready version."""
 
     server_name = "dl_inference"
     extensions: tuple[str, ...] = EXTENSIONS
-    refusing = False  # shutting down: new inference requests are answered UNAVAILABLE
+    phase = Phase.SERVING  # a gateway starts in STARTING; a worker's data plane exists once it can serve
+
+    def advance(self, phase: Phase) -> bool:
+        """Move to ``phase`` if it is ahead of the current one (True); never back (False)."""
+        if phase <= self.phase:
+            return False
+        self.phase = phase
+        return True
+
+    @property
+    def stopping(self) -> bool:
+        """Shutting down (draining, refusing or closed): nothing new is started or restarted."""
+        return self.phase >= Phase.DRAINING
 
     def live(self) -> bool:
         return True
@@ -41,12 +64,12 @@ class DataPlane(abc.ABC):
 
     def refuse_new_requests(self) -> None:
         """From now on inference requests get UNAVAILABLE "shutting down" (a clear, retryable error),
-        while the listeners stay open and the requests in flight go on: the first step of a drain."""
-        self.refusing = True
+        while the listeners stay open and the requests in flight go on."""
+        self.advance(Phase.REFUSING)
 
     def check_accepting(self, stats: ModelStats) -> None:
         """Raise UNAVAILABLE "shutting down" while refusing, counted as a failure in ``stats``."""
-        if self.refusing:
+        if self.phase >= Phase.REFUSING:
             gone = Unavailable("server is shutting down: send the request to another server")
             stats.record_failure(0, failure_reason(gone))
             raise gone

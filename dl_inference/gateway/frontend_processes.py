@@ -38,7 +38,6 @@ import logging
 import os
 import pickle
 import secrets
-import shutil
 import signal
 import struct
 import sys
@@ -52,10 +51,10 @@ from google.protobuf.message import Message
 
 from dl_inference.balancer.local import LocalEndpoint
 from dl_inference.config import ServerSettings
-from dl_inference.dataplane import decode_request_off_loop
+from dl_inference.dataplane import Phase, decode_request_off_loop
 from dl_inference.errors import InternalError, ServerError, Unavailable
-from dl_inference.gateway.models import Model, ModelVersion, State
-from dl_inference.gateway.router import GatewayDataPlane
+from dl_inference.gateway.models import Model, ModelVersion, State, drain_versions
+from dl_inference.gateway.router import GatewayDataPlane, RoutingDataPlane
 from dl_inference.gateway.workers import WorkerInstance, WorkerSpec
 from dl_inference.protocol.framing import ExecStats, FrameProtocol, Kind, pack_token, unpack_token
 from dl_inference.protocol.generated import grpc_service_pb2 as pb
@@ -289,7 +288,7 @@ class FrontendSupervisor:
                 config = mv.config.SerializeToString() if mv.config is not None else b""
                 versions[v] = (mv.state.value, mv.reason, config, mv.load_seconds, instances)
             models[name] = (id(model), versions)
-        return {"ready": dp.ready(), "models": models}
+        return {"ready": dp.ready(), "models": models, "load_errors": dict(dp.load_errors)}
 
     async def _publish_loop(self) -> None:
         while True:
@@ -476,12 +475,11 @@ class ControlClient:
         return await fut
 
 
-class FrontendDataPlane(GatewayDataPlane):
+class FrontendDataPlane(RoutingDataPlane):
     """Frontend 1..N-1: routes inference to the workers itself; the rest is the supervisor's."""
 
     def __init__(self, settings: ServerSettings, control: ControlClient, index: int) -> None:
         super().__init__(settings)
-        shutil.rmtree(self.pool.directory, ignore_errors=True)  # the supervisor's workers; none here
         self.control = control
         self.index = index
         self._table_ready = False
@@ -493,15 +491,16 @@ class FrontendDataPlane(GatewayDataPlane):
     async def start(self) -> None:
         await self.balancer.start()
         await self._first_table.wait()
-        self._started = True
+        self.advance(Phase.SERVING)
 
-    def ready(self) -> bool:
-        return self._started and not self._closing and self._table_ready and not self.control.lost.is_set()
+    def models_ready(self) -> bool:
+        return self._table_ready and not self.control.lost.is_set()  # the supervisor's word
 
     # -- the model table ------------------------------------------------------------------------
     def apply(self, table: dict[str, Any]) -> None:
         """Make this frontend's model table the supervisor's (connecting to new workers)."""
         self._table_ready = bool(table["ready"])
+        self.load_errors = table["load_errors"]
         names = set(table["models"])
         for name in [n for n in self.models if n not in names]:
             self._spawn_task(self._retire(self.models.pop(name)))
@@ -574,7 +573,7 @@ class FrontendDataPlane(GatewayDataPlane):
         inst.proto, inst.config, inst.ready = proto, mv.config, True
 
     async def _retire(self, model: Model) -> None:
-        await super()._retire(model)
+        await drain_versions(model, self.settings.stop_grace_s)
         for mv in model.versions.values():
             for inst in mv.instances:
                 inst.mark_gone("was unloaded")
@@ -627,7 +626,7 @@ class FrontendDataPlane(GatewayDataPlane):
 
 
 def merged_view(
-    dp: GatewayDataPlane, counters: Counters
+    dp: RoutingDataPlane, counters: Counters
 ) -> tuple[Callable[[ModelVersion], ModelVersion], dict[tuple[str, str], ModelStats]]:
     """The supervisor's model versions, and its remote-model counters, with every frontend's counters
     added (for statistics and metrics). Remote-model counters are keyed with serial 0."""

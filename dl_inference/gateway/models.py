@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import time
 from dataclasses import dataclass, field
 
 from dl_inference.balancer.local import LocalEndpoint
@@ -45,3 +47,13 @@ class Model:
     def latest_ready(self) -> ModelVersion | None:
         ready = [v for v in self.versions.values() if v.ready]
         return max(ready, key=lambda v: v.version) if ready else None
+
+
+async def drain_versions(model: Model, grace: float) -> None:
+    """Mark ``model``'s versions UNLOADING (no new request is routed to them) and wait up to ``grace``
+    seconds for the requests their instances hold."""
+    for mv in model.versions.values():
+        mv.state = State.UNLOADING
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(i.inflight for mv in model.versions.values() for i in mv.instances):
+        await asyncio.sleep(0.05)

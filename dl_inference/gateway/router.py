@@ -1,8 +1,9 @@
-"""The gateway's data plane: route V2 requests to model versions' worker instances; load/unload.
+"""The gateway's data plane: route V2 requests to model versions' worker instances and remote nodes.
 
-Model control modes (Triton's): ``none`` loads every model at start; ``explicit`` loads/unloads only
-through the repository API (and ``--load-model`` at start); ``poll`` rescans the repository and
-(re)loads what changed, leaving the old version serving when the new one fails to load.
+:class:`RoutingDataPlane` is what every frontend process does (route, count, describe);
+:class:`GatewayDataPlane` adds the supervisor's part: the models' life on this host
+(:mod:`dl_inference.gateway.lifecycle`), the repository API and the shared-memory registry. Its life
+is one :class:`~dl_inference.dataplane.Phase` state machine: starting, serving, draining, refusing, closed.
 """
 
 from __future__ import annotations
@@ -12,14 +13,13 @@ import json
 import logging
 import time
 from collections.abc import Callable, Coroutine, Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dl_inference.balancer.balancer import Balancer
 from dl_inference.balancer.local import LocalEndpoint
 from dl_inference.balancer.remote import ANY_VERSION
 from dl_inference.config import ServerSettings
-from dl_inference.dataplane import EXTENSIONS, DataPlane, decode_request_off_loop
+from dl_inference.dataplane import EXTENSIONS, DataPlane, Phase, decode_request_off_loop
 from dl_inference.errors import (
     CODE_FROM_WIRE,
     Code,
@@ -28,17 +28,14 @@ from dl_inference.errors import (
     ResourceExhausted,
     ServerError,
     Unavailable,
-    Unimplemented,
 )
-from dl_inference.gateway.models import Model, ModelVersion, State
-from dl_inference.gateway.workers import LoadFailed, WorkerInstance, WorkerPool, WorkerSpec, worker_python
+from dl_inference.gateway.lifecycle import ModelLifecycle
+from dl_inference.gateway.models import Model, ModelVersion
 from dl_inference.metrics import render_balancer_metrics, render_frontend_metrics, render_metrics
 from dl_inference.protocol.framing import Kind
 from dl_inference.protocol.generated import grpc_service_pb2 as pb
 from dl_inference.protocol.generated import model_config_pb2 as mc
 from dl_inference.protocol.model_info import model_metadata
-from dl_inference.repository.config import instance_kinds
-from dl_inference.repository.scan import ModelSource, scan_model, scan_repository, validate_model_name
 from dl_inference.sharedmem.params import uses_shared_memory
 from dl_inference.sharedmem.registry import Region, SharedMemoryRegistry
 from dl_inference.stats import ModelStats, failure_reason
@@ -49,331 +46,57 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class GatewayDataPlane(DataPlane):
+class RoutingDataPlane(DataPlane):
+    """Routing, counting and describing over a table of models (``models``) and the balancer's remote
+    nodes. Who fills the table, and the repository and shared-memory operations, are the subclass's."""
+
     extensions = (*EXTENSIONS, "system_shared_memory", "cuda_shared_memory")
 
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
-        self.repository = Path(settings.model_repository).resolve()
-        self.pool = WorkerPool(self._on_worker_exit, frontend_sockets=settings.frontends > 1)
+        self.phase = Phase.STARTING
         self.frontends: FrontendSupervisor | None = None  # serve --frontends N: the other frontends
         self.requests = 0  # inference requests taken up here, every model and transport
         self.models: dict[str, Model] = {}
-        self.load_errors: dict[str, str] = {}
-        self._failed_fingerprints: dict[str, str] = {}
-        self._unloaded: set[str] = set()
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._started = False
-        self._closing = False
-        self._inflight = 0  # requests in this gateway right now, every model and transport
+        self.load_errors: dict[str, str] = {}  # models that failed to load: why
+        self._inflight = 0  # requests in this process right now, every model and transport
         self._tasks: set[asyncio.Task[None]] = set()
         self.balancer = Balancer(
             settings.balancer_settings(), settings.topology(),
             local_endpoints=self._local_endpoints, max_message_bytes=settings.max_request_bytes,
         )  # fmt: skip
         self._remote_stats: dict[tuple[str, str], ModelStats] = {}
-        self.shared_memory = SharedMemoryRegistry(own_pids=self._worker_pids)
-        self.shared_memory.on_forget = self._forget_regions
 
     def _local_endpoints(self) -> list[LocalEndpoint]:
         return [e for m in self.models.values() for mv in m.versions.values() for e in mv.endpoints]
-
-    # -- lifecycle ------------------------------------------------------------------------------
-    async def start(self) -> None:
-        await self.pool.start()
-        await self.balancer.start()
-        mode = self.settings.model_control_mode
-        if mode == "explicit":
-            names = list(self.settings.load_models)
-            sources, errors = {}, {}
-            for name in names:
-                try:
-                    sources[name] = await asyncio.to_thread(scan_model, self.repository, name)
-                except ServerError as exc:
-                    errors[name] = exc.message
-        else:
-            sources, errors = await asyncio.to_thread(scan_repository, self.repository)
-        for name, reason in errors.items():
-            log.error("model '%s' cannot be loaded: %s", name, reason)
-            self.load_errors[name] = reason
-        results = await asyncio.gather(*(self._load(s) for s in sources.values()), return_exceptions=True)
-        for source, result in zip(sources.values(), results):
-            if isinstance(result, BaseException):
-                log.error("model '%s' failed to load: %s", source.name, result)
-        self._started = True
-        if mode == "poll":
-            self._spawn_task(self._poll_loop())
-        if self.settings.shared_memory_sweep_s:
-            self._spawn_task(self._sweep_loop(self.settings.shared_memory_sweep_s))
-        log.info("ready: %s", ", ".join(sorted(self.models)) or "no models")
-
-    def stop_accepting(self) -> None:
-        """Report not-ready and stop restarting workers: the first step of shutting down."""
-        self._closing = True
-
-    def inflight(self) -> int:
-        return self._inflight
-
-    async def close(self) -> None:
-        self._closing = True
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*(self._retire(m) for m in list(self.models.values())), return_exceptions=True)
-        self.models.clear()
-        await self.balancer.close()
-        await self.pool.close()
 
     def _spawn_task(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    # -- loading --------------------------------------------------------------------------------
-    def _lock(self, name: str) -> asyncio.Lock:
-        return self._locks.setdefault(name, asyncio.Lock())
+    async def start(self) -> None:
+        """Fill the model table and move to SERVING (the listeners are up meanwhile)."""
+        raise NotImplementedError
 
-    def _specs(self, source: ModelSource, version: int) -> list[WorkerSpec]:
-        try:
-            python = worker_python(source.name, source.config, self.settings.worker_environments)
-        except InvalidArgument as exc:
-            # Only this model fails, before any of its workers starts; recorded like a failed load.
-            self.load_errors[source.name] = exc.message
-            self._failed_fingerprints[source.name] = source.fingerprint
-            raise
-        specs = []
-        for index, (kind, gpu) in enumerate(instance_kinds(source.config)):
-            device = "gpu" if kind == "KIND_GPU" else "cpu"
-            specs.append(
-                WorkerSpec(
-                    self.repository, source.name, version, index, device, gpu, python=python,
-                    max_tensor_elements=self.settings.max_tensor_elements,
-                    max_bytes_element=self.settings.max_bytes_element,
-                )
-            )  # fmt: skip
-        return specs
+    def stop_accepting(self) -> None:
+        """Report not-ready and stop restarting workers: the first step of shutting down."""
+        self.advance(Phase.DRAINING)
 
-    async def _start_version(self, mv: ModelVersion) -> None:
-        start = time.monotonic()
-        instances = mv.instances = []
-        for spec in mv.specs:  # one by one; a spawn that fails stops the ones already started (below)
-            try:
-                instances.append(await self.pool.spawn(spec))
-            except BaseException:
-                await self._stop_instances(mv)
-                raise
-        mv.endpoints = [LocalEndpoint(i, self.settings.balancer_settings().local_weight, self.balancer.clock)
-                        for i in instances]  # fmt: skip
-        results = await asyncio.gather(
-            *(self.pool.wait_ready(i, self.settings.load_timeout_s) for i in instances), return_exceptions=True
-        )
-        failures = [r for r in results if isinstance(r, BaseException)]
-        if failures:
-            await self._stop_instances(mv)
-            raise LoadFailed(str(failures[0]))
-        first = results[0]
-        assert isinstance(first, mc.ModelConfig)
-        mv.config = first
-        mv.load_seconds = time.monotonic() - start
-        mv.state = State.READY
+    def inflight(self) -> int:
+        return self._inflight
 
-    async def _load(self, source: ModelSource) -> None:
-        name = source.name
-        async with self._lock(name):
-            old = self.models.get(name)
-            versions = {v: ModelVersion(name, v, self._specs(source, v)) for v in source.versions}
-            if not versions:
-                raise InvalidArgument(f"model '{name}' has no version to load")
-            results = await asyncio.gather(
-                *(self._start_version(mv) for mv in versions.values()), return_exceptions=True
-            )
-            failed = [(mv, r) for mv, r in zip(versions.values(), results) if isinstance(r, BaseException)]
-            if failed:
-                for mv in versions.values():
-                    await self._stop_instances(mv)
-                reason = "; ".join(f"version {mv.version}: {r}" for mv, r in failed)
-                self.load_errors[name] = reason
-                self._failed_fingerprints[name] = source.fingerprint
-                if old is not None:
-                    log.error("new files of model '%s' failed to load; the loaded one keeps serving: %s", name, reason)
-                raise InvalidArgument(f"failed to load model '{name}': {reason}")
-            self.models[name] = Model(name, source.fingerprint, versions)
-            self.load_errors.pop(name, None)
-            self._failed_fingerprints.pop(name, None)
-            self._unloaded.discard(name)
-            log.info("model '%s' version(s) %s ready", name, ", ".join(map(str, sorted(versions))))
-        if old is not None:
-            self._spawn_task(self._retire(old))
+    async def close(self) -> None:
+        self.advance(Phase.CLOSED)
+        for task in list(self._tasks):
+            task.cancel()
+        await self.balancer.close()
 
-    async def _stop_instances(self, mv: ModelVersion) -> None:
-        for inst in mv.instances:
-            inst.stopping = True
-        await asyncio.gather(*(i.terminate(self.settings.stop_grace_s) for i in mv.instances))
-
-    async def _retire(self, model: Model) -> None:
-        """Stop routing to ``model``'s versions, let their in-flight requests finish, stop workers."""
-        for mv in model.versions.values():
-            mv.state = State.UNLOADING
-            for inst in mv.instances:
-                inst.stopping = True
-        deadline = time.monotonic() + self.settings.stop_grace_s
-        while time.monotonic() < deadline and any(i.inflight for mv in model.versions.values() for i in mv.instances):
-            await asyncio.sleep(0.05)
-        await asyncio.gather(*(self._stop_instances(mv) for mv in model.versions.values()))
-
-    def _owner(self, inst: WorkerInstance) -> ModelVersion | None:
-        model = self.models.get(inst.spec.model)
-        mv = model.versions.get(inst.spec.version) if model else None
-        return mv if mv is not None and inst in mv.instances else None
-
-    def _on_worker_exit(self, inst: WorkerInstance, code: int) -> None:
-        if inst.stopping or self._closing:
-            return
-        mv = self._owner(inst)
-        if mv is None or mv.state is not State.READY:
-            return
-        log.error("worker %s died (exit %s); restarting it", inst.spec.label, code)
-        self._spawn_task(self._restart(mv, inst))
-
-    async def _restart(self, mv: ModelVersion, dead: WorkerInstance) -> None:
-        delay = 0.1
-        while not self._closing and mv.state is State.READY and dead in mv.instances:
-            if time.monotonic() - dead.started_at < 1.0:
-                await asyncio.sleep(delay)
-            try:  # spawn fails too when the worker environment's interpreter has gone
-                new = await self.pool.spawn(dead.spec)
-                await self.pool.wait_ready(new, self.settings.load_timeout_s)
-            except LoadFailed as exc:
-                log.error("restart of worker %s failed: %s; retrying in %.1f s", dead.spec.label, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
-                continue
-            if mv.state is State.READY and dead in mv.instances:
-                index = mv.instances.index(dead)
-                mv.instances[index] = new
-                mv.endpoints[index].attach(new)
-                log.info("worker %s is back", new.spec.label)
-            else:
-                new.stopping = True
-                await new.terminate(self.settings.stop_grace_s)
-            return
-
-    # -- repository API -------------------------------------------------------------------------
-    async def load_model(self, name: str, parameters: Mapping[str, object]) -> None:
-        if self.settings.model_control_mode != "explicit":
-            raise InvalidArgument(
-                f"explicit model load/unload is not allowed in model control mode "
-                f"'{self.settings.model_control_mode}' (start the server with --model-control-mode explicit)"
-            )
-        validate_model_name(name)
-        if parameters:
-            raise Unimplemented(
-                f"load parameters ({', '.join(sorted(parameters))}) are not supported: this server loads "
-                f"models only from the files in its repository"
-            )
-        source = await asyncio.to_thread(scan_model, self.repository, name)
-        try:
-            await self._load(source)
-        finally:
-            await self._announce()
-
-    async def unload_model(self, name: str) -> None:
-        if self.settings.model_control_mode != "explicit":
-            raise InvalidArgument(
-                f"explicit model load/unload is not allowed in model control mode '{self.settings.model_control_mode}'"
-            )
-        async with self._lock(name):
-            model = self.models.pop(name, None)
-            if model is None:
-                if name in self.load_errors or (self.repository / name).is_dir():
-                    return
-                raise NotFound(f"unknown model '{name}'")
-            self._unloaded.add(name)
-        try:
-            await self._retire(model)
-        finally:
-            await self._announce()
-
-    async def _announce(self) -> None:
-        """After a load or unload: every frontend process uses the new model table before it returns."""
-        if self.frontends is not None:
-            await self.frontends.sync()
-
-    async def repository_index(self, ready_only: bool) -> pb.RepositoryIndexResponse:
-        names = await asyncio.to_thread(self._repository_names)
-        out = pb.RepositoryIndexResponse()
-        for name in sorted(set(names) | set(self.models)):
-            model = self.models.get(name)
-            if model is not None:
-                for v in sorted(model.versions):
-                    mv = model.versions[v]
-                    state = "READY" if mv.ready else "UNAVAILABLE" if mv.state is State.READY else mv.state.value
-                    if ready_only and state != "READY":
-                        continue
-                    reason = "" if state == "READY" else mv.reason or "no ready instance"
-                    out.models.add(name=name, version=str(v), state=state, reason=reason)
-            elif not ready_only:
-                if name in self.load_errors:
-                    out.models.add(name=name, state="UNAVAILABLE", reason=self.load_errors[name])
-                elif name in self._unloaded:
-                    out.models.add(name=name, state="UNAVAILABLE", reason="unloaded")
-                else:
-                    out.models.add(name=name)
-        self._remote_index(out, ready_only)
-        return out
-
-    def _remote_index(self, out: pb.RepositoryIndexResponse, ready_only: bool) -> None:
-        now = self.balancer.clock.now()
-        for name, versions in sorted(self.balancer.remote_models().items()):
-            if name in self.models:
-                continue
-            for v in sorted(versions):
-                label = "" if v == ANY_VERSION else v
-                up = any(n.available(now) for n in self.balancer.remote_for(name, label))
-                if up or not ready_only:
-                    reason = "" if up else "no remote node serving it is available"
-                    out.models.add(name=name, version=label, state="READY" if up else "UNAVAILABLE", reason=reason)
-
-    def _repository_names(self) -> list[str]:
-        try:
-            return [p.name for p in self.repository.iterdir() if p.is_dir() and not p.name.startswith(".")]
-        except OSError:
-            return []
-
-    async def _poll_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.repository_poll_secs)
-            try:
-                await self.poll_once()
-            except Exception:
-                log.exception("repository poll failed")
-
-    async def poll_once(self) -> None:
-        sources, errors = await asyncio.to_thread(scan_repository, self.repository)
-        for name, reason in errors.items():
-            if self.load_errors.get(name) != reason:
-                log.error("model '%s' cannot be loaded: %s", name, reason)
-            self.load_errors[name] = reason
-        for name, source in sources.items():
-            current = self.models.get(name)
-            if current is not None and current.fingerprint == source.fingerprint:
-                continue
-            if self._failed_fingerprints.get(name) == source.fingerprint:
-                continue
-            try:
-                await self._load(source)
-            except ServerError as exc:
-                log.error("%s", exc.message)
-        for name in [n for n in self.models if n not in sources and n not in errors]:
-            log.info("model '%s' left the repository; unloading", name)
-            async with self._lock(name):
-                model = self.models.pop(name, None)
-            if model is not None:
-                await self._retire(model)
-
-    # -- health ---------------------------------------------------------------------------------
     def ready(self) -> bool:
-        if not self._started or self._closing:
-            return False
+        return self.phase is Phase.SERVING and self.models_ready()
+
+    def models_ready(self) -> bool:
+        """Every model this server holds has a ready version (or, with none, a remote node serves)."""
         if not self.models:
             if self.balancer.nodes:
                 now = self.balancer.clock.now()
@@ -381,6 +104,7 @@ class GatewayDataPlane(DataPlane):
             return self.settings.model_control_mode == "explicit"
         return all(m.latest_ready() is not None for m in self.models.values())
 
+    # -- routing --------------------------------------------------------------------------------
     def model_ready(self, name: str, version: str) -> bool:
         if name not in self.models and self.balancer.nodes:
             now = self.balancer.clock.now()
@@ -390,7 +114,6 @@ class GatewayDataPlane(DataPlane):
         except ServerError:
             return False
 
-    # -- routing --------------------------------------------------------------------------------
     def _model(self, name: str) -> Model:
         model = self.models.get(name)
         if model is None:
@@ -470,50 +193,6 @@ class GatewayDataPlane(DataPlane):
             self._inflight -= 1
         stats.record_success(time.monotonic_ns() - start, exec_stats)
         return body
-
-    # -- shared memory ------------------------------------------------------------------------------
-    async def infer_shared(self, payload: bytes, name: str, version: str, deadline: float | None = None) -> bytes:
-        request, payload = await decode_request_off_loop(payload)
-        name, version = request.model_name, request.model_version  # the full decode's word, not the peek's
-        if not uses_shared_memory(request):
-            return await self.infer(payload, name, version, deadline)
-        extra, pinned = self.shared_memory.attach(request)
-        try:
-            return await self.infer(payload + extra, name, version, deadline, local_only=True)
-        finally:
-            self.shared_memory.release(pinned)
-
-    async def register_system_shared_memory(self, name: str, key: str, offset: int, byte_size: int) -> None:
-        self.shared_memory.register_system(name, key, offset, byte_size)
-
-    async def register_cuda_shared_memory(self, name: str, raw_handle: bytes, device_id: int, byte_size: int) -> None:
-        self.shared_memory.register_cuda(name, raw_handle, device_id, byte_size)
-
-    async def unregister_shared_memory(self, kind: str, name: str) -> None:
-        self.shared_memory.unregister(kind, name)
-
-    async def shared_memory_status(self, kind: str, name: str) -> list[Region]:
-        return self.shared_memory.status(kind, name)
-
-    def _worker_pids(self) -> list[int]:
-        return [e.instance.process.pid for e in self._local_endpoints() if e.instance.process is not None]
-
-    def _forget_regions(self, generations: list[int]) -> None:
-        """Tell every local worker to unmap regions that are gone (they map them lazily, per use)."""
-        payload = json.dumps(generations).encode()
-        for endpoint in self._local_endpoints():
-            proto = endpoint.instance.proto
-            if proto is not None:
-                proto.send(Kind.FORGET_REGIONS, 0, payload)
-
-    async def _sweep_loop(self, interval: float) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                held = await asyncio.to_thread(self.shared_memory.holders)
-                self.shared_memory.sweep(held)
-            except Exception:  # a bug here must not end the sweeping
-                log.exception("shared-memory sweep failed")
 
     def _remote_endpoints(self, name: str, version: str) -> list[Any]:
         """Remote nodes for a model this gateway does not hold itself (NotFound if none serves it)."""
@@ -630,3 +309,111 @@ class GatewayDataPlane(DataPlane):
             # Endpoint rows are this process's balancer; each frontend balances its own connections.
             "frontends": self.frontends.describe(self.requests) if self.frontends is not None else [],
         }
+
+
+class GatewayDataPlane(RoutingDataPlane):
+    """``dl-inference serve``: routing plus the models' life on this host (the supervisor's part)."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        super().__init__(settings)
+        self.lifecycle = ModelLifecycle(settings, self.models, self.balancer, lambda: self.stopping)
+        self.pool = self.lifecycle.pool
+        self.load_errors = self.lifecycle.load_errors
+        self.shared_memory = SharedMemoryRegistry(own_pids=self._worker_pids)
+        self.shared_memory.on_forget = self._forget_regions
+
+    async def start(self) -> None:
+        await self.pool.start()
+        await self.balancer.start()
+        await self.lifecycle.start()
+        self.advance(Phase.SERVING)
+        if self.settings.shared_memory_sweep_s:
+            self._spawn_task(self._sweep_loop(self.settings.shared_memory_sweep_s))
+        log.info("ready: %s", ", ".join(sorted(self.models)) or "no models")
+
+    async def close(self) -> None:
+        self.advance(Phase.CLOSED)
+        for task in list(self._tasks):
+            task.cancel()
+        await self.lifecycle.close()
+        await self.balancer.close()
+
+    # -- repository API -------------------------------------------------------------------------
+    async def load_model(self, name: str, parameters: Mapping[str, object]) -> None:
+        try:
+            await self.lifecycle.load(name, parameters)
+        finally:
+            await self._announce()
+
+    async def unload_model(self, name: str) -> None:
+        try:
+            await self.lifecycle.unload(name)
+        finally:
+            await self._announce()
+
+    async def _announce(self) -> None:
+        """After a load or unload: every frontend process uses the new model table before it returns."""
+        if self.frontends is not None:
+            await self.frontends.sync()
+
+    async def repository_index(self, ready_only: bool) -> pb.RepositoryIndexResponse:
+        out = pb.RepositoryIndexResponse()
+        await self.lifecycle.index(out, ready_only)
+        self._remote_index(out, ready_only)
+        return out
+
+    def _remote_index(self, out: pb.RepositoryIndexResponse, ready_only: bool) -> None:
+        now = self.balancer.clock.now()
+        for name, versions in sorted(self.balancer.remote_models().items()):
+            if name in self.models:
+                continue
+            for v in sorted(versions):
+                label = "" if v == ANY_VERSION else v
+                up = any(n.available(now) for n in self.balancer.remote_for(name, label))
+                if up or not ready_only:
+                    reason = "" if up else "no remote node serving it is available"
+                    out.models.add(name=name, version=label, state="READY" if up else "UNAVAILABLE", reason=reason)
+
+    # -- shared memory ------------------------------------------------------------------------------
+    async def infer_shared(self, payload: bytes, name: str, version: str, deadline: float | None = None) -> bytes:
+        request, payload = await decode_request_off_loop(payload)
+        name, version = request.model_name, request.model_version  # the full decode's word, not the peek's
+        if not uses_shared_memory(request):
+            return await self.infer(payload, name, version, deadline)
+        extra, pinned = self.shared_memory.attach(request)
+        try:
+            return await self.infer(payload + extra, name, version, deadline, local_only=True)
+        finally:
+            self.shared_memory.release(pinned)
+
+    async def register_system_shared_memory(self, name: str, key: str, offset: int, byte_size: int) -> None:
+        self.shared_memory.register_system(name, key, offset, byte_size)
+
+    async def register_cuda_shared_memory(self, name: str, raw_handle: bytes, device_id: int, byte_size: int) -> None:
+        self.shared_memory.register_cuda(name, raw_handle, device_id, byte_size)
+
+    async def unregister_shared_memory(self, kind: str, name: str) -> None:
+        self.shared_memory.unregister(kind, name)
+
+    async def shared_memory_status(self, kind: str, name: str) -> list[Region]:
+        return self.shared_memory.status(kind, name)
+
+    def _worker_pids(self) -> list[int]:
+        return [e.instance.process.pid for e in self._local_endpoints() if e.instance.process is not None]
+
+    def _forget_regions(self, generations: list[int]) -> None:
+        """Tell every local worker to unmap regions that are gone (they map them lazily, per use)."""
+        payload = json.dumps(generations).encode()
+        for endpoint in self._local_endpoints():
+            proto = endpoint.instance.proto
+            if proto is not None:
+                proto.send(Kind.FORGET_REGIONS, 0, payload)
+
+    async def _sweep_loop(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                held = await asyncio.to_thread(self.shared_memory.holders)
+                self.shared_memory.sweep(held)
+            except Exception:  # a bug here must not end the sweeping
+                log.exception("shared-memory sweep failed")

@@ -14,7 +14,7 @@ from dl_inference import offload
 from dl_inference.config import ServerSettings
 from dl_inference.frontends.grpc_server import GrpcServer
 from dl_inference.frontends.http_server import HttpFrontend, metrics_app
-from dl_inference.gateway.router import GatewayDataPlane
+from dl_inference.gateway.router import GatewayDataPlane, RoutingDataPlane
 from dl_inference.memtrim import trim_every
 from dl_inference.security import TlsSettings
 
@@ -60,7 +60,7 @@ def _check_free(host: str, port: int, what: str) -> None:
 
 
 async def _listen(
-    dp: GatewayDataPlane, settings: ServerSettings, frontend: int = 0
+    dp: RoutingDataPlane, settings: ServerSettings, frontend: int = 0
 ) -> tuple[GrpcServer, list[web.AppRunner]]:
     """Open every listener (gRPC, HTTP, model control, metrics; frontends other than 0 only gRPC and
     HTTP, shared with the others). On failure the ones already open are closed and OSError names the
@@ -113,7 +113,7 @@ async def serve(settings: ServerSettings) -> int:
 
 
 async def run_listeners(
-    dp: GatewayDataPlane, settings: ServerSettings, frontend: int = 0, stop_also: asyncio.Event | None = None
+    dp: RoutingDataPlane, settings: ServerSettings, frontend: int = 0, stop_also: asyncio.Event | None = None
 ) -> int:
     """Serve ``dp`` on the listeners until SIGTERM/SIGINT (or ``stop_also``), then drain and close.
 
@@ -135,6 +135,7 @@ async def run_listeners(
     if settings.frontends > 1 and not frontend:
         from dl_inference.gateway.frontend_processes import FrontendSupervisor
 
+        assert isinstance(dp, GatewayDataPlane)  # frontend 0 is the supervisor
         supervisor = dp.frontends = FrontendSupervisor(dp, settings)
         await supervisor.start()
     grace = settings.stop_grace_s

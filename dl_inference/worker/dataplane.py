@@ -6,7 +6,7 @@ import asyncio
 import itertools
 import time
 
-from dl_inference.dataplane import DataPlane
+from dl_inference.dataplane import DataPlane, Phase
 from dl_inference.errors import NotFound, ServerError
 from dl_inference.protocol.framing import ExecStats
 from dl_inference.protocol.generated import grpc_service_pb2 as pb
@@ -38,7 +38,7 @@ class WorkerDataPlane(DataPlane):
             )
 
     def ready(self) -> bool:
-        return not self.refusing
+        return self.phase is Phase.SERVING
 
     def inflight(self) -> int:
         return len(self._pending)

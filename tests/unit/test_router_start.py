@@ -44,10 +44,10 @@ def test_a_failed_spawn_stops_the_instances_already_started(tmp_path: Path, ok: 
     async def main() -> None:
         plane = GatewayDataPlane(ServerSettings(model_repository=str(tmp_path)))
         pool = _Pool(ok)
-        plane.pool = pool  # type: ignore[assignment]
+        plane.lifecycle.pool = pool  # type: ignore[assignment]
         mv = ModelVersion("m", 1, ["spec-0", "spec-1", "spec-2"])  # type: ignore[list-item]
         with pytest.raises(LoadFailed, match="Resource temporarily unavailable"):
-            await plane._start_version(mv)
+            await plane.lifecycle._start_version(mv)
         assert len(pool.spawned) == ok
         assert all(i.stopping and i.terminated for i in pool.spawned)
 

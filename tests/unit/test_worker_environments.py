@@ -157,19 +157,19 @@ def _source(tmp_path: Path, config: mc.ModelConfig, name: str = "m") -> ModelSou
 
 def test_specs_carry_the_environments_interpreter(dataplane: GatewayDataPlane, tmp_path: Path) -> None:
     fake = dataplane.settings.worker_environments["itex"]
-    specs = dataplane._specs(_source(tmp_path, _config("itex", instances=2)), 1)
+    specs = dataplane.lifecycle._specs(_source(tmp_path, _config("itex", instances=2)), 1)
     assert [s.python for s in specs] == [fake, fake]
-    assert [s.python for s in dataplane._specs(_source(tmp_path, _config()), 1)] == [sys.executable]
+    assert [s.python for s in dataplane.lifecycle._specs(_source(tmp_path, _config()), 1)] == [sys.executable]
 
 
 def test_unknown_environment_fails_only_that_models_load(dataplane: GatewayDataPlane, tmp_path: Path) -> None:
     source = _source(tmp_path, _config("nope"), name="bad")
     with pytest.raises(InvalidArgument, match="model 'bad' asks for worker environment 'nope'"):
-        asyncio.run(dataplane._load(source))
+        asyncio.run(dataplane.lifecycle.load_source(source))
     assert "worker environment 'nope'" in dataplane.load_errors["bad"]
-    assert dataplane._failed_fingerprints["bad"] == "fingerprint-1"
+    assert dataplane.lifecycle.failed_fingerprints["bad"] == "fingerprint-1"
     assert "bad" not in dataplane.models
-    assert dataplane.pool._by_token == {}  # no worker was spawned
+    assert dataplane.lifecycle.pool._by_token == {}  # no worker was spawned
 
 
 # -- generated code under an old protobuf -------------------------------------------------------------
