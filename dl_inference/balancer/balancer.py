@@ -14,19 +14,17 @@ import asyncio
 import logging
 import random
 from collections.abc import Callable, Coroutine, Iterable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from dl_inference.balancer.clock import Clock
 from dl_inference.balancer.discovery import DnsNodes, NodeFile, Resolver, resolve
 from dl_inference.balancer.endpoint import Endpoint, EndpointFailed, Reply
-from dl_inference.balancer.local import LocalEndpoint
 from dl_inference.balancer.outlier import OutlierDetector
 from dl_inference.balancer.policies import Policy, make_policy
 from dl_inference.balancer.remote import ANY_VERSION, RemoteNode
 from dl_inference.balancer.retry import RetryBudget
 from dl_inference.balancer.settings import BalancerSettings, NodeSpec, Topology
 from dl_inference.errors import WIRE_CODE, Code, ServerError, Unavailable
-from dl_inference.protocol.framing import Kind
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +37,23 @@ class DeadlineExceeded(ServerError):
     code = Code.DEADLINE_EXCEEDED
 
 
+class PingedEndpoint(Protocol):
+    """A local endpoint (a worker process): health-checked by the balancer's ping loop."""
+
+    name: str
+    healthy: bool
+    last_error: str
+
+    async def check_once(self, timeout: float, healthy_threshold: int, unhealthy_threshold: int) -> bool: ...
+
+
 class Balancer:
     def __init__(
         self,
         settings: BalancerSettings,
         topology: Topology,
         *,
-        local_endpoints: Callable[[], Iterable[LocalEndpoint]] = lambda: (),
+        local_endpoints: Callable[[], Iterable[PingedEndpoint]] = lambda: (),
         clock: Clock | None = None,
         rng: random.Random | None = None,
         resolver: Resolver = resolve,
@@ -212,12 +220,11 @@ class Balancer:
             raise
         finally:
             ep.inflight -= 1
-        kind, code = reply[0], reply[1]
-        if kind is Kind.ERROR and code in _FAILURE_CODES:
+        if reply.code in _FAILURE_CODES:
             self._failed(ep, peers)
-            if code == _UNAVAILABLE:
-                raise EndpointFailed(f"{ep.name} answered UNAVAILABLE: {reply[3].decode(errors='replace')}")
-        elif kind is Kind.ERROR:
+            if reply.code == _UNAVAILABLE:
+                raise EndpointFailed(f"{ep.name} answered UNAVAILABLE: {reply.message()}")
+        elif reply.failed:
             ep.consecutive_failures = 0
         else:
             ep.record_success(self.clock.now() - start)

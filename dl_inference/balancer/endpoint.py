@@ -9,11 +9,39 @@ the slow-start ramp after it returns (10% → 100% over ``slow_start_s``).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 from dl_inference.balancer.clock import Clock
-from dl_inference.protocol.framing import ExecStats, Kind
+from dl_inference.errors import CODE_FROM_WIRE, WIRE_CODE, Code, ServerError
+from dl_inference.protocol.framing import ExecStats
 
-Reply = tuple[Kind, int, ExecStats, bytes]
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """What an endpoint answered: a result (``code`` 0, ``body`` the serialized response) or an error
+    (``code`` its wire code, :data:`~dl_inference.errors.WIRE_CODE`; ``body`` its message)."""
+
+    body: bytes
+    stats: ExecStats = field(default_factory=ExecStats)
+    code: int = 0
+
+    @classmethod
+    def error(cls, code: Code, message: str) -> Reply:
+        return cls(message.encode(), ExecStats(), WIRE_CODE[code])
+
+    @property
+    def failed(self) -> bool:
+        return self.code != 0
+
+    def message(self) -> str:
+        return self.body.decode(errors="replace")
+
+    def result(self) -> bytes:
+        """The response body, or the error raised as the :class:`ServerError` it names."""
+        if self.code:
+            raise ServerError(self.message(), CODE_FROM_WIRE.get(self.code, Code.INTERNAL))
+        return self.body
+
 
 EWMA_ALPHA = 0.3
 # An endpoint without fresh samples looks faster over time, so it gets tried again: its estimate stays

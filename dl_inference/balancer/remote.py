@@ -28,8 +28,7 @@ from dl_inference.balancer.clock import Clock
 from dl_inference.balancer.credentials import NodeCredentials
 from dl_inference.balancer.endpoint import Endpoint, EndpointFailed, Reply
 from dl_inference.balancer.settings import BalancerSettings, NodeSpec
-from dl_inference.errors import WIRE_CODE, Code
-from dl_inference.protocol.framing import ExecStats, Kind
+from dl_inference.errors import Code
 from dl_inference.protocol.generated import grpc_service_pb2 as pb
 from dl_inference.protocol.generated import model_config_pb2 as mc
 
@@ -37,7 +36,6 @@ log = logging.getLogger(__name__)
 
 SERVICE = "/inference.GRPCInferenceService/"
 ANY_VERSION = "*"
-_EMPTY = ExecStats()
 _REFUSALS = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 
@@ -173,7 +171,7 @@ class RemoteNode(Endpoint):
         self._calls.add(call)
         try:
             body: bytes = await call
-            return Kind.RESULT, 0, _EMPTY, body
+            return Reply(body)
         except asyncio.CancelledError:
             if call in self._abandoned:
                 raise EndpointFailed(f"node {self.name} {self.last_error or 'went down'}", resend=True) from None
@@ -196,7 +194,7 @@ class RemoteNode(Endpoint):
                 # gRPC dropped the call, e.g. stopping with calls it had not handed to its server yet
                 raise EndpointFailed(f"node {self.name} cancelled the call: {detail}") from None
             ours = Code.__members__.get(code.name, Code.INTERNAL)
-            return Kind.ERROR, WIRE_CODE[ours], _EMPTY, detail.encode()
+            return Reply.error(ours, detail)
         finally:
             self._calls.discard(call)
             self._abandoned.discard(call)

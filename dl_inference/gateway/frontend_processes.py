@@ -49,10 +49,10 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from dl_inference.balancer.local import LocalEndpoint
 from dl_inference.config import ServerSettings
 from dl_inference.dataplane import Phase, decode_request_off_loop
 from dl_inference.errors import InternalError, ServerError, Unavailable
+from dl_inference.gateway.local_endpoint import LocalEndpoint
 from dl_inference.gateway.models import Model, ModelVersion, State, drain_versions
 from dl_inference.gateway.router import GatewayDataPlane, RoutingDataPlane
 from dl_inference.gateway.workers import WorkerInstance, WorkerSpec

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from dl_inference.balancer.balancer import Balancer
-from dl_inference.balancer.local import LocalEndpoint
 from dl_inference.config import ServerSettings
 from dl_inference.errors import InvalidArgument, NotFound, ServerError, Unimplemented
+from dl_inference.gateway.local_endpoint import LocalEndpoint
 from dl_inference.gateway.models import Model, ModelVersion, State, drain_versions
 from dl_inference.gateway.workers import LoadFailed, WorkerInstance, WorkerPool, WorkerSpec, worker_python
 from dl_inference.protocol.generated import grpc_service_pb2 as pb

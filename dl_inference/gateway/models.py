@@ -7,7 +7,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from dl_inference.balancer.local import LocalEndpoint
+from dl_inference.gateway.local_endpoint import LocalEndpoint
 from dl_inference.gateway.workers import WorkerInstance, WorkerSpec
 from dl_inference.protocol.generated import model_config_pb2 as mc
 from dl_inference.stats import ModelStats

@@ -16,13 +16,10 @@ from collections.abc import Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
 
 from dl_inference.balancer.balancer import Balancer
-from dl_inference.balancer.local import LocalEndpoint
 from dl_inference.balancer.remote import ANY_VERSION
 from dl_inference.config import ServerSettings
 from dl_inference.dataplane import EXTENSIONS, DataPlane, Phase, decode_request_off_loop
 from dl_inference.errors import (
-    CODE_FROM_WIRE,
-    Code,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
@@ -30,6 +27,7 @@ from dl_inference.errors import (
     Unavailable,
 )
 from dl_inference.gateway.lifecycle import ModelLifecycle
+from dl_inference.gateway.local_endpoint import LocalEndpoint
 from dl_inference.gateway.models import Model, ModelVersion
 from dl_inference.metrics import render_balancer_metrics, render_frontend_metrics, render_metrics
 from dl_inference.protocol.framing import Kind
@@ -179,9 +177,8 @@ class RoutingDataPlane(DataPlane):
         stats.pending += 1
         self._inflight += 1
         try:
-            kind, code, exec_stats, body = await self.balancer.call(key, endpoints, payload, deadline, what)
-            if kind is Kind.ERROR:
-                raise ServerError(body.decode(errors="replace"), CODE_FROM_WIRE.get(code, Code.INTERNAL))
+            reply = await self.balancer.call(key, endpoints, payload, deadline, what)
+            body = reply.result()
         except ServerError as exc:
             stats.record_failure(time.monotonic_ns() - start, failure_reason(exc))
             raise
@@ -191,7 +188,7 @@ class RoutingDataPlane(DataPlane):
         finally:
             stats.pending -= 1
             self._inflight -= 1
-        stats.record_success(time.monotonic_ns() - start, exec_stats)
+        stats.record_success(time.monotonic_ns() - start, reply.stats)
         return body
 
     def _remote_endpoints(self, name: str, version: str) -> list[Any]:

@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from dl_inference.balancer.endpoint import Reply
 from dl_inference.errors import InvalidArgument
 from dl_inference.protocol.framing import WORKER_TOKEN_ENV, ExecStats, FrameProtocol, Kind, unpack_token
 from dl_inference.protocol.generated import model_config_pb2 as mc
@@ -88,9 +89,6 @@ class WorkerSpec:
         return f"{self.model}:{self.version}#{self.index}"
 
 
-Reply = tuple[Kind, int, ExecStats, bytes]
-
-
 class WorkerInstance:
     """One worker process and its framed connection."""
 
@@ -140,7 +138,7 @@ class WorkerInstance:
             return
         fut = self.pending.pop(rid, None)
         if fut is not None and not fut.done():
-            fut.set_result((kind, code, stats or ExecStats(), payload))
+            fut.set_result(Reply(payload, stats or ExecStats(), code if kind is Kind.ERROR else 0))
 
     async def ping(self, timeout: float) -> bool:
         """True when the worker answers a PING within ``timeout`` seconds, or its link moved meanwhile."""

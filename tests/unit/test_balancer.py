@@ -28,15 +28,14 @@ from dl_inference.balancer.balancer import Balancer, DeadlineExceeded
 from dl_inference.balancer.clock import FakeClock
 from dl_inference.balancer.discovery import DnsNodes, NodeFile, _lookup_in_daemon_thread, parse_node_file, resolve
 from dl_inference.balancer.endpoint import MIN_PENALTY, Endpoint, EndpointFailed, Reply
-from dl_inference.balancer.local import LocalEndpoint
 from dl_inference.balancer.outlier import OutlierDetector
 from dl_inference.balancer.policies import LeastRequest, SmoothWeightedRoundRobin, make_policy
 from dl_inference.balancer.remote import ANY_VERSION, RemoteNode
 from dl_inference.balancer.retry import RetryBudget
 from dl_inference.balancer.settings import BalancerSettings, DnsSpec, NodeSpec, Topology
-from dl_inference.errors import WIRE_CODE, Code, InvalidArgument, ServerError, Unavailable
+from dl_inference.errors import Code, InvalidArgument, ServerError, Unavailable
+from dl_inference.gateway.local_endpoint import LocalEndpoint
 from dl_inference.gateway.workers import WorkerGone
-from dl_inference.protocol.framing import ExecStats, Kind
 
 
 def run(coro: object) -> Any:
@@ -44,11 +43,11 @@ def run(coro: object) -> Any:
 
 
 def ok(body: bytes = b"ok") -> Reply:
-    return Kind.RESULT, 0, ExecStats(), body
+    return Reply(body)
 
 
 def error(code: Code, message: bytes = b"error") -> Reply:
-    return Kind.ERROR, WIRE_CODE[code], ExecStats(), message
+    return Reply.error(code, message.decode())
 
 
 class FakeEndpoint(Endpoint):

@@ -1,4 +1,4 @@
-"""A local worker instance as a balancer endpoint.
+"""A local worker instance as a balancer endpoint (the gateway's adapter: the balancer knows only endpoints).
 
 The endpoint outlives worker restarts: when the supervisor replaces a dead worker, the new process
 is attached to the same endpoint (keeping its weight and counters) and slow start begins. Active
