@@ -1,7 +1,7 @@
 """load_tests.perf and load_tests.histogram: histogram accuracy, the stability rule, the open-loop
 scheduler (coordinated omission), report writers, scenarios, encoders, and TF-Serving REST against a
 tiny aiohttp fake (the server has no TF-Serving API yet). No real server here: see
-tests/integration/test_perf_tool.py."""
+tests/tools/test_perf_tool.py."""
 
 from __future__ import annotations
 
