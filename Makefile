@@ -21,7 +21,7 @@ ITEX_PYTHON ?= $(PYTHON)
 ITEX_VERSION ?= 2.15.0.0
 ITEX_TF_VERSION ?= 2.15.1
 
-.PHONY: install serve examples test test-unit test-integration fuzz lint proto proto-check bench clean bench-balancer perf \
+.PHONY: install serve examples test test-unit test-integration test-tools fuzz lint proto proto-check bench clean bench-balancer perf \
 	mlserver-env bench-mlserver itex-env bench-tensorflow-cpu \
 	bench-pytorch-gpu faults faults-quick soak k8s-validate images containers-lint test-containers
 
@@ -56,6 +56,10 @@ test-unit: install
 
 test-integration: install
 	$(PY) -m pytest -q tests/integration
+
+# The tests of load_tests (the library and the scripts); about a minute.
+test-tools: install
+	$(PY) -m pytest -q tests/tools
 
 # Long property-based fuzz of the HTTP/gRPC parsers, validation and the real server (tests/fuzz):
 # FUZZ_EXAMPLES per test (the server tests a quarter of it, at most 5,000 requests), new random

@@ -44,7 +44,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import sys
 import time
 import urllib.error
@@ -54,25 +53,24 @@ from typing import Any
 
 import yaml
 
-from load_tests.bench_batching import model_stats
-from load_tests.bench_tiny import (
-    BUSY_LOADAVG,
-    MODEL,
+from load_tests.lib.report import BUSY_LOADAVG, machine_info, median, num, write_json
+from load_tests.lib.server import (
     REPO_ROOT,
     BenchError,
     Server,
     free_port,
     log_tail,
-    machine_info,
+    model_stats,
+    py_module,
     run_in_workdir,
     start_server,
     stop_server,
     wait_ready,
-    write_json,
 )
 from load_tests.loadgen import LoadConfig, LoadgenError, summary_line
 from load_tests.loadgen import run as run_load
 
+MODEL = "simple"
 POLICIES = ("weighted_round_robin", "least_request")
 NODES = ("fast-1", "fast-2", "slow")
 RESULTS = REPO_ROOT / "load_tests" / "results"
@@ -80,10 +78,6 @@ RESULTS = REPO_ROOT / "load_tests" / "results"
 
 # ---------------------------------------------------------------------------------------------
 # processes
-
-
-def py_module(*args: str) -> list[str]:
-    return [sys.executable, "-m", *args]
 
 
 def start_node(label: str, repo: Path, workdir: Path) -> Server:
@@ -264,16 +258,8 @@ def run_policy(
 # report
 
 
-def _num(v: float | None, fmt: str) -> str:
-    return "-" if v is None else format(v, fmt)
-
-
 def summary_row(policy: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One policy's row: medians of req/s, p50, p99 over its rounds; shares of all its rounds' requests."""
-
-    def med(values: list[float | None]) -> float | None:
-        vals = [v for v in values if v is not None]
-        return statistics.median(vals) if vals else None
 
     reps = [run["loadgen"] for run in runs]
     counts = {label: sum(n["requests"] for run in runs for n in run["nodes"] if n["node"] == label) for label in NODES}
@@ -281,11 +267,11 @@ def summary_row(policy: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "policy": policy,
         "rounds": len(runs),
-        "throughput_rps": med([r["throughput_rps"] for r in reps]),
-        "p50_ms": med([r["latency_ms"]["p50"] for r in reps]),
-        "p90_ms": med([r["latency_ms"]["p90"] for r in reps]),
-        "p99_ms": med([r["latency_ms"]["p99"] for r in reps]),
-        "mean_ms": med([r["latency_ms"]["mean"] for r in reps]),
+        "throughput_rps": median([r["throughput_rps"] for r in reps]),
+        "p50_ms": median([r["latency_ms"]["p50"] for r in reps]),
+        "p90_ms": median([r["latency_ms"]["p90"] for r in reps]),
+        "p99_ms": median([r["latency_ms"]["p99"] for r in reps]),
+        "mean_ms": median([r["latency_ms"]["mean"] for r in reps]),
         "errors": sum(r["errors"] for r in reps),
         **{f"share_{label}": counts[label] / total if total else None for label in NODES},
         "p99_ms_each": [r["latency_ms"]["p99"] for r in reps],
@@ -301,9 +287,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['policy']:<20} | {_num(r['throughput_rps'], '7.1f')} | {_num(r['mean_ms'], '7.2f')} | "
-            f"{_num(r['p50_ms'], '7.2f')} | {_num(r['p90_ms'], '7.2f')} | {_num(r['p99_ms'], '7.2f')} | "
-            + " | ".join(f"{_num(r[f'share_{label}'], '12.3f')}" for label in NODES)
+            f"{r['policy']:<20} | {num(r['throughput_rps'], '7.1f')} | {num(r['mean_ms'], '7.2f')} | "
+            f"{num(r['p50_ms'], '7.2f')} | {num(r['p90_ms'], '7.2f')} | {num(r['p99_ms'], '7.2f')} | "
+            + " | ".join(f"{num(r[f'share_{label}'], '12.3f')}" for label in NODES)
             + f" | {r['errors']:>6}"
         )
     return "\n".join(lines)
@@ -319,7 +305,7 @@ def report_text(result: dict[str, Any]) -> str:
         "",
     ]
     for name, value in result["ratios"].items():
-        lines.append(f"{name}: {_num(value, '.2f')}")
+        lines.append(f"{name}: {num(value, '.2f')}")
     probes = result["calibration"]["probes"]
     if probes:
         fast = [p["p50_ms"] for p in probes if p["node"] != "slow"]
@@ -328,7 +314,7 @@ def report_text(result: dict[str, Any]) -> str:
         lines.append(
             "nodes unloaded (c=1 through their proxy): "
             + ", ".join(f"{p['node']} p50 {p['p50_ms']:.2f} ms" for p in probes)
-            + f"; slow/fast {_num(ratio, '.2f')}x"
+            + f"; slow/fast {num(ratio, '.2f')}x"
         )
     lines.append("")
     lines.append(
@@ -339,8 +325,8 @@ def report_text(result: dict[str, Any]) -> str:
         name = run["policy"] if cfg["rounds"] == 1 else f"{run['policy']} r{run['round']}"
         for n in run["nodes"]:
             lines.append(
-                f"{name:<24} | {n['node']:<6} | {n['requests']:>8} | {_num(n['node_successes'], '>8')} | "
-                f"{_num(n['latency_ewma_ms'], '8.2f')} | {n['failures']:>8} | {n['retries']:>7}"
+                f"{name:<24} | {n['node']:<6} | {n['requests']:>8} | {num(n['node_successes'], '>8')} | "
+                f"{num(n['latency_ewma_ms'], '8.2f')} | {n['failures']:>8} | {n['retries']:>7}"
             )
         c = run["balancer_counters"]
         if any(c.values()):

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -58,19 +57,17 @@ from typing import Any
 
 import numpy as np
 
-from load_tests.bench_tiny import (
-    BUSY_LOADAVG,
+from load_tests.lib.report import BUSY_LOADAVG, int_list, machine_info, num, ratio, round_medians, write_json
+from load_tests.lib.server import (
     REPO_ROOT,
     BenchError,
     free_port,
-    machine_info,
+    model_stats,
     ours_command,
-    ratio,
     run_in_workdir,
     start_server,
     stop_server,
     wait_ready,
-    write_json,
 )
 from load_tests.loadgen import LoadConfig, LoadgenError, summary_line
 from load_tests.loadgen import run as run_load
@@ -91,45 +88,6 @@ LATENCY_CONC = 1
 
 # ---------------------------------------------------------------------------------------------
 # server side
-
-
-def model_stats(url: str, model: str) -> dict[str, Any]:
-    """The counters of gRPC ModelStatistics(model) this bench reads (all versions summed)."""
-    import grpc
-
-    from dl_inference.protocol.generated import grpc_service_pb2 as pb
-    from dl_inference.protocol.generated import grpc_service_pb2_grpc as pb_grpc
-
-    with grpc.insecure_channel(url) as channel:
-        stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        try:
-            resp = stub.ModelStatistics(pb.ModelStatisticsRequest(name=model), timeout=10.0)
-        except grpc.RpcError as exc:
-            why = f"{exc.code().name} {exc.details()}"  # type: ignore[attr-defined]
-            raise BenchError(f"ModelStatistics('{model}') on {url}: {why}") from None
-    out: dict[str, Any] = {
-        "inference_count": 0,
-        "execution_count": 0,
-        "success_count": 0,
-        "queue_count": 0,
-        "queue_ns": 0,
-        "compute_infer_count": 0,
-        "compute_infer_ns": 0,
-        "batch_executions": {},
-    }
-    for s in resp.model_stats:
-        st = s.inference_stats
-        out["inference_count"] += s.inference_count
-        out["execution_count"] += s.execution_count
-        out["success_count"] += st.success.count
-        out["queue_count"] += st.queue.count
-        out["queue_ns"] += st.queue.ns
-        out["compute_infer_count"] += st.compute_infer.count
-        out["compute_infer_ns"] += st.compute_infer.ns
-        for b in s.batch_stats:
-            key = str(b.batch_size)
-            out["batch_executions"][key] = out["batch_executions"].get(key, 0) + b.compute_infer.count
-    return out
 
 
 def stats_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
@@ -230,28 +188,17 @@ def ort_ceiling(model_dir: Path, batch_sizes: list[int], duration: float) -> lis
 def summary_row(model: str, concurrency: int, reports: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians across rounds for the client numbers; server counters summed across rounds."""
 
-    def med(values: list[float | None]) -> float | None:
-        vals = [v for v in values if v is not None]
-        return statistics.median(vals) if vals else None
-
     keys = ("inference_count", "execution_count", "queue_count", "queue_ns")
     total = derive({k: sum(r["server_stats"][k] for r in reports) for k in keys})
     return {
         "model": model,
         "concurrency": concurrency,
-        "rounds": len(reports),
-        "throughput_rps": med([r["throughput_rps"] for r in reports]),
-        "p50_ms": med([r["latency_ms"]["p50"] for r in reports]),
-        "p99_ms": med([r["latency_ms"]["p99"] for r in reports]),
+        **round_medians(reports),
         "errors": sum(r["errors"] for r in reports),
         "avg_batch": total["avg_batch"],
         "queue_ms_per_request": total["queue_ms_per_request"],
         "throughput_rps_each": [round(r["throughput_rps"], 1) for r in reports],
     }
-
-
-def _num(v: float | None, fmt: str) -> str:
-    return "-" if v is None else format(v, fmt)
 
 
 def format_table(rows: list[dict[str, Any]], ceiling: list[dict[str, Any]]) -> str:
@@ -262,9 +209,9 @@ def format_table(rows: list[dict[str, Any]], ceiling: list[dict[str, Any]]) -> s
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['model']:<16} | {r['concurrency']:>4} | {_num(r['throughput_rps'], '8.1f')} | "
-            f"{_num(r['p50_ms'], '7.2f')} | {_num(r['p99_ms'], '7.2f')} | {_num(r['avg_batch'], '9.2f')} | "
-            f"{_num(r['queue_ms_per_request'], '12.3f')}" + (f"   errors {r['errors']}" if r["errors"] else "")
+            f"{r['model']:<16} | {r['concurrency']:>4} | {num(r['throughput_rps'], '8.1f')} | "
+            f"{num(r['p50_ms'], '7.2f')} | {num(r['p99_ms'], '7.2f')} | {num(r['avg_batch'], '9.2f')} | "
+            f"{num(r['queue_ms_per_request'], '12.3f')}" + (f"   errors {r['errors']}" if r["errors"] else "")
         )
     lines.append("-" * len(head))
     for c in ceiling:
@@ -427,10 +374,10 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     st = rep["server_stats"]
                     print(
                         f"  round {rnd} {summary_line(rep)}\n"
-                        f"      avg batch {_num(st['avg_batch'], '.2f')}  "
-                        f"queue {_num(st['queue_ms_per_request'], '.3f')} ms/req  "
+                        f"      avg batch {num(st['avg_batch'], '.2f')}  "
+                        f"queue {num(st['queue_ms_per_request'], '.3f')} ms/req  "
                         f"executions by batch size {st['batch_executions']}  "
-                        f"client cpu {_num(rep.get('client_cpu_util'), '.2f')} cores",
+                        f"client cpu {num(rep.get('client_cpu_util'), '.2f')} cores",
                         flush=True,
                     )
     finally:
@@ -446,13 +393,6 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     return result
 
 
-def _int_list(text: str) -> list[int]:
-    values = sorted({int(v) for v in text.split(",") if v.strip()})
-    if not values or values[0] < 1:
-        raise argparse.ArgumentTypeError(f"want a comma list of positive integers, got {text!r}")
-    return values
-
-
 def main(argv: list[str] | None = None) -> int:
     global IMAGE, WIDTH  # the model's size, read by the helpers above
     p = argparse.ArgumentParser(
@@ -461,12 +401,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=8.0, help="measured seconds per run")
     p.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds per run")
     p.add_argument("--rounds", type=int, default=1, help="alternating rounds (medians across rounds)")
-    p.add_argument("--concurrency", type=_int_list, default=[1, 4, 16, 64], help="comma list (default 1,4,16,64)")
+    p.add_argument("--concurrency", type=int_list, default=[1, 4, 16, 64], help="comma list (default 1,4,16,64)")
     p.add_argument("--image", type=int, default=IMAGE, help="input height = width (default 64)")
     p.add_argument("--width", type=int, default=WIDTH, help="channels of the first stage (default 32)")
     p.add_argument("--delay-us", type=int, default=DELAY_US, help="cnn_batch max_queue_delay_microseconds")
     p.add_argument(
-        "--preferred", type=_int_list, default=None, help="cnn_batch preferred_batch_size, comma list (default none)"
+        "--preferred", type=int_list, default=None, help="cnn_batch preferred_batch_size, comma list (default none)"
     )
     p.add_argument("--ort-duration", type=float, default=3.0, help="seconds of the in-process loop per batch size")
     p.add_argument("--ready-timeout", type=float, default=120.0, help="seconds to wait for the server")

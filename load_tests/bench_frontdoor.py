@@ -25,21 +25,20 @@ The client shares the machine with the servers; the numbers depend on the machin
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
-from load_tests.bench_tiny import (
+from load_tests.lib.load import run_loadgen
+from load_tests.lib.procs import group_cpu_seconds
+from load_tests.lib.report import finish, machine_info
+from load_tests.lib.server import (
     BenchError,
     Server,
-    finish,
     free_port,
-    machine_info,
     ours_command,
     run_in_workdir,
-    run_loadgen,
     start_server,
     stop_server,
     wait_ready,
@@ -84,23 +83,6 @@ def write_models(root: Path) -> None:
         'output { name: "y" data_type: TYPE_FP32 dims: [3] }\n'
         "instance_group { count: 1 kind: KIND_CPU }\n"
     )
-
-
-def group_cpu_seconds(pgid: int) -> float:
-    """User + system CPU seconds of every live process in process group ``pgid`` (from /proc)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue  # gone meanwhile
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if int(fields[2]) == pgid:  # fields[0] is the state: pgrp is the 5th field of stat
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / tick
 
 
 def measure(server: Server, protocol: str, model: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:

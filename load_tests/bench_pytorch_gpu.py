@@ -92,16 +92,15 @@ from typing import Any
 
 import numpy as np
 
-from load_tests.bench_tiny import (
+from load_tests.lib.load import run_loadgen
+from load_tests.lib.report import int_list, machine_info, num, ratio
+from load_tests.lib.server import (
     REPO_ROOT,
     BenchError,
     Server,
     free_port,
     log_tail,
-    machine_info,
     ours_command,
-    ratio,
-    run_loadgen,
     sigterm_as_interrupt,
     start_server,
     stop_server,
@@ -402,7 +401,7 @@ def write_jpeg_extras(
     (model_dir / "warmup" / "image.bin").write_bytes(len(jpeg).to_bytes(4, "little") + jpeg)  # V2 BYTES element
     params = jpeg_parameters(name, device, image, compile_mode, compile_batch_sizes)
     compiled = params["compile"] != "off"
-    sizes = tuple(_int_list(params["compile_batch_sizes"])) if compiled and "compile_batch_sizes" in params else (1,)
+    sizes = tuple(int_list(params["compile_batch_sizes"])) if compiled and "compile_batch_sizes" in params else (1,)
     count = 3 if params["compile"] in ("reduce-overhead", "max-autotune") else 1  # as the backend's own warm-up
     return jpeg_config_text(name, params, image, max_batch_size, delay_us, device, 0, sizes, count, instances)
 
@@ -871,10 +870,6 @@ def summary_row(model: str, concurrency: int, rep: dict[str, Any], frontends: in
     }
 
 
-def _num(v: float | None, fmt: str) -> str:
-    return "-" if v is None else format(v, fmt)
-
-
 def format_table(rows: list[dict[str, Any]]) -> str:
     head = (
         f"{'model':<25} | {'frontends':>9} | {'conc':>4} | {'img/req':>7} | {'images/s':>9} | {'p50 ms':>8} | "
@@ -884,8 +879,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         lines.append(
             f"{r['model']:<25} | {r.get('frontends', 1):>9} | {r['concurrency']:>4} | {r.get('request_batch', 1):>7} | "
-            f"{_num(r['images_per_s'], '9.1f')} | "
-            f"{_num(r['p50_ms'], '8.2f')} | {_num(r['p99_ms'], '8.2f')} | {_num(r['avg_batch'], '9.2f')}"
+            f"{num(r['images_per_s'], '9.1f')} | "
+            f"{num(r['p50_ms'], '8.2f')} | {num(r['p99_ms'], '8.2f')} | {num(r['avg_batch'], '9.2f')}"
             + (f"   errors {r['errors']}" if r["errors"] else "")
         )
     return "\n".join(lines)
@@ -1100,10 +1095,10 @@ def report_progress(say: Output, rep: dict[str, Any]) -> None:
     st = rep["server_stats"]
     say.progress(
         f"  {summary_line(rep)}\n"
-        f"      avg batch {_num(st['avg_batch'], '.2f')}  "
-        f"queue {_num(st['queue_ms_per_request'], '.2f')} ms/req  "
+        f"      avg batch {num(st['avg_batch'], '.2f')}  "
+        f"queue {num(st['queue_ms_per_request'], '.2f')} ms/req  "
         f"executions by batch size {st['batch_executions']}  "
-        f"client cpu {_num(rep.get('client_cpu_util'), '.2f')} cores"
+        f"client cpu {num(rep.get('client_cpu_util'), '.2f')} cores"
     )
 
 
@@ -1278,13 +1273,6 @@ def serve_and_measure(
         stop_server(server)
 
 
-def _int_list(text: str) -> list[int]:
-    values = sorted({int(v) for v in text.split(",") if v.strip()})
-    if not values or values[0] < 1:
-        raise argparse.ArgumentTypeError(f"want a comma list of positive integers, got {text!r}")
-    return values
-
-
 def ceiling_variants(models: list[str] | tuple[str, ...]) -> list[str]:
     """The in-process variants a run compares against: all three, or only fp16 compiled when every model
     is a JPEG one (they run the fp16 compiled network; the eager ones would only cost minutes)."""
@@ -1314,7 +1302,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=list(DEFAULT_MODELS),
         help=f"comma list of {', '.join(MODELS)} (default {','.join(DEFAULT_MODELS)})",
     )
-    p.add_argument("--concurrency", type=_int_list, default=None, help="comma list (default 1,16,64; quick 1,4)")
+    p.add_argument("--concurrency", type=int_list, default=None, help="comma list (default 1,16,64; quick 1,4)")
     p.add_argument("--duration", type=float, default=None, help="measured seconds per point (default 10; quick 3)")
     p.add_argument("--warmup", type=float, default=None, help="warm-up seconds per point (default 3; quick 1)")
     p.add_argument("--image", type=int, default=None, help="input height = width (default 224; quick 64)")
@@ -1323,7 +1311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instances", type=int, default=1, help="instances of each model (instance_group count)")
     p.add_argument(
         "--frontends",
-        type=_int_list,
+        type=int_list,
         default=[1],
         help="serve --frontends (processes on the ports); a comma list runs one server after another, "
         "most frontends first, in one report",
@@ -1348,7 +1336,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="images per request of the extra points run after each sweep (default 8; quick 1 = none)",
     )
     p.add_argument(
-        "--batched-concurrency", type=_int_list, default=[16], help="concurrency of those points (default 16)"
+        "--batched-concurrency", type=int_list, default=[16], help="concurrency of those points (default 16)"
     )
     p.add_argument(
         "--compile-mode",
@@ -1391,7 +1379,7 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
         base["compile_mode"] = "default"  # reduce-overhead is CUDA graphs
     for key, value in base.items():
         if getattr(args, key) is None:
-            setattr(args, key, _int_list(str(value)) if key == "concurrency" else value)
+            setattr(args, key, int_list(str(value)) if key == "concurrency" else value)
     if args.ceiling_batch is None:
         args.ceiling_batch = args.max_batch_size
     args.request_batch = min(args.request_batch, args.max_batch_size)

@@ -30,18 +30,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from load_tests.bench_tiny import (
-    Server,
-    finish,
-    free_port,
-    machine_info,
-    ours_command,
-    run_in_workdir,
-    run_loadgen,
-    start_server,
-    stop_server,
-    wait_ready,
-)
+from load_tests.lib.load import run_loadgen
+from load_tests.lib.report import finish, machine_info
+from load_tests.lib.server import Server, free_port, ours_command, run_in_workdir, start_server, stop_server, wait_ready
 
 MODEL = "simple"
 

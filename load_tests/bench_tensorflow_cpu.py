@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -46,17 +45,8 @@ from pathlib import Path
 from typing import Any
 
 from load_tests.bench_pytorch_gpu import Output, format_table, load_model, measure, run_bench, summary_row
-from load_tests.bench_tiny import (
-    REPO_ROOT,
-    BenchError,
-    free_port,
-    machine_info,
-    ours_command,
-    ratio,
-    start_server,
-    stop_server,
-    wait_ready,
-)
+from load_tests.lib.report import machine_info, median, ratio
+from load_tests.lib.server import REPO_ROOT, BenchError, free_port, ours_command, start_server, stop_server, wait_ready
 
 # variant -> (config parameters, instances, (images per request, concurrency) points). "{threads}" is --threads.
 # The first five are the comparison the issue asks for (one instance using every thread, concurrency 1);
@@ -167,8 +157,7 @@ def median_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for (model, batch, conc), group in cells.items():
 
         def med(key: str, group: list[dict[str, Any]] = group) -> float | None:
-            vals = [g[key] for g in group if g[key] is not None]
-            return statistics.median(vals) if vals else None
+            return median(g[key] for g in group)
 
         out.append({
             "model": model, "concurrency": conc, "request_batch": batch, "images_per_s": med("images_per_s"),

@@ -30,191 +30,32 @@ Ctrl-C as well. The numbers depend on the machine: the client shares it with the
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
-import signal
-import socket
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from load_tests.lib.load import run_loadgen
+from load_tests.lib.report import BUSY_LOADAVG, int_list, machine_info, num, ratio, round_medians, write_json
+from load_tests.lib.server import (
+    REPO_ROOT,
+    Server,
+    free_port,
+    ours_command,
+    run_in_workdir,
+    start_server,
+    stop_server,
+    wait_ready,
+)
+
 MODEL = "simple"
 P50_RATIO_TARGET = 1.3  # ours/bare p50 at the lowest concurrency: at most this
 RPS_RATIO_TARGET = 0.8  # ours/bare throughput at the highest concurrency: at least this
-BUSY_LOADAVG = 0.5  # 1-min load average above which the report warns that the machine was busy
 DESIGN_REFERENCE = "DESIGN.md reference, bare server on the 2-core dev box: p50 0.56 ms at c=1, 2,700 req/s at c=16"
-
-
-class BenchError(RuntimeError):
-    """The benchmark cannot go on (a server failed to start, loadgen could not reach it...)."""
-
-
-@dataclass
-class Server:
-    name: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-    grpc_url: str
-    http_url: str | None = None
-    started: float = 0.0  # time.monotonic() at launch
-
-
-_HANDED_OUT: set[int] = set()
-
-
-def free_port() -> int:
-    """A free port not handed out before by this process (two binds in a row may get the same one)."""
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
-
-
-def log_tail(path: Path, lines: int = 40) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return "(no log)"
-    return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
-
-
-def start_server(
-    name: str,
-    cmd: list[str],
-    log: Path,
-    grpc_url: str,
-    http_url: str | None = None,
-    env_extra: dict[str, str] | None = None,
-) -> Server:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
-    with log.open("wb") as out:
-        # own process group, so stop_server can take the server's worker processes down with it
-        proc = subprocess.Popen(
-            cmd,
-            cwd=REPO_ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    return Server(name, proc, log, grpc_url, http_url, time.monotonic())
-
-
-def stop_server(server: Server, grace: float = 10.0) -> None:
-    """SIGTERM the server's process group, SIGKILL it if it is still there after ``grace`` seconds."""
-    proc = server.proc
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        pass
-    try:  # workers may outlive the parent for a moment; make sure nothing of the group survives
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        print(f"bench: {server.name} (pid {proc.pid}) did not exit", file=sys.stderr)
-
-
-def wait_ready(server: Server, timeout: float, models: tuple[str, ...] = (MODEL,)) -> float:
-    """Poll ServerReady and ModelReady of each model over gRPC; seconds since launch. BenchError on
-    death/timeout.
-
-    ``timeout`` counts from the moment this starts waiting."""
-    import grpc
-
-    from dl_inference.protocol.generated import grpc_service_pb2 as pb
-    from dl_inference.protocol.generated import grpc_service_pb2_grpc as pb_grpc
-
-    t0 = time.monotonic()
-    last = "no answer yet"
-    with grpc.insecure_channel(server.grpc_url) as channel:
-        stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        while True:
-            code = server.proc.poll()
-            if code is not None:
-                raise BenchError(
-                    f"{server.name} exited with status {code} before it was ready; its log "
-                    f"({server.log}) ends with:\n{log_tail(server.log)}"
-                )
-            if time.monotonic() - t0 > timeout:
-                raise BenchError(
-                    f"{server.name} not ready after {timeout:.0f} s ({last}); its log ({server.log}) "
-                    f"ends with:\n{log_tail(server.log)}"
-                )
-            try:
-                if not stub.ServerReady(pb.ServerReadyRequest(), timeout=1.0).ready:
-                    last = "ServerReady false"
-                else:
-                    waiting = [
-                        m for m in models if not stub.ModelReady(pb.ModelReadyRequest(name=m), timeout=1.0).ready
-                    ]
-                    if not waiting:
-                        return time.monotonic() - server.started
-                    last = f"ModelReady false for {waiting}"
-            except grpc.RpcError as exc:
-                last = f"{exc.code().name}: {exc.details()}"  # type: ignore[attr-defined]
-            time.sleep(0.2)
-
-
-def run_loadgen(
-    url: str,
-    protocol: str,
-    concurrency: int,
-    duration: float,
-    warmup: float,
-    out: Path,
-    model: str = MODEL,
-    extra: tuple[str, ...] = (),
-) -> dict[str, Any]:
-    """One loadgen run in a fresh process; its report. BenchError if it could not run at all."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "load_tests.loadgen",
-        *extra,
-        "--url",
-        url,
-        "--protocol",
-        protocol,
-        "--model",
-        model,
-        "--concurrency",
-        str(concurrency),
-        "--duration",
-        str(duration),
-        "--warmup",
-        str(warmup),
-        "--json",
-        str(out),
-    ]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=duration + warmup + 120)
-    if not out.exists():
-        raise BenchError(f"loadgen failed (status {proc.returncode}) on {url}:\n{proc.stderr[-2000:]}")
-    report: dict[str, Any] = json.loads(out.read_text())
-    out.unlink()
-    return report
 
 
 def ort_inprocess(model_path: Path, duration: float) -> dict[str, Any]:
@@ -252,68 +93,11 @@ def ort_inprocess(model_path: Path, duration: float) -> dict[str, Any]:
     }
 
 
-def machine_info() -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "loadavg_start": os.getloadavg(),
-    }
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        import grpc
-        import onnxruntime
-
-        info["grpcio"] = grpc.__version__
-        info["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
-        pass
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True, text=True)
-        info["git_commit"] = head.stdout.strip()
-        info["git_dirty"] = bool(dirty.stdout.strip())
-    except OSError:
-        pass
-    return info
-
-
-def ours_command(repo: Path, grpc_port: int, http_port: int, metrics_port: int) -> list[str]:
-    exe = Path(sys.executable).parent / "dl-inference"
-    base = [str(exe)] if exe.exists() else [sys.executable, "-m", "dl_inference"]
-    return [
-        *base,
-        "serve",
-        "--model-repository",
-        str(repo),
-        "--grpc-port",
-        str(grpc_port),
-        "--http-port",
-        str(http_port),
-        "--metrics-port",
-        str(metrics_port),
-    ]
-
-
 def median_row(target: str, concurrency: int, reports: list[dict[str, Any]]) -> dict[str, Any]:
-    def med(values: list[float | None]) -> float | None:
-        vals = [v for v in values if v is not None]
-        return statistics.median(vals) if vals else None
-
     return {
         "target": target,
         "concurrency": concurrency,
-        "rounds": len(reports),
-        "throughput_rps": med([r["throughput_rps"] for r in reports]),
-        "p50_ms": med([r["latency_ms"]["p50"] for r in reports]),
-        "p99_ms": med([r["latency_ms"]["p99"] for r in reports]),
+        **round_medians(reports),
         "errors": sum(r["errors"] for r in reports),
         "throughput_rps_each": [round(r["throughput_rps"], 1) for r in reports],
         "p50_ms_each": [None if r["latency_ms"]["p50"] is None else round(r["latency_ms"]["p50"], 3) for r in reports],
@@ -321,9 +105,6 @@ def median_row(target: str, concurrency: int, reports: list[dict[str, Any]]) -> 
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    def num(v: float | None, fmt: str) -> str:
-        return "-" if v is None else format(v, fmt)
-
     lines = [f"{'target':<14} | {'conc':>4} | {'req/s':>8} | {'p50 ms':>7} | {'p99 ms':>7} | {'errors':>6}"]
     lines.append("-" * len(lines[0]))
     for r in rows:
@@ -332,24 +113,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f"{num(r['p50_ms'], '7.3f')} | {num(r['p99_ms'], '7.3f')} | {r.get('errors', 0):>6}"
         )
     return "\n".join(lines)
-
-
-def ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
-
-
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Treat SIGTERM like Ctrl-C so the cleanup in ``finally`` runs."""
-
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -499,10 +262,6 @@ def report_text(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _int_list(text: str) -> list[int]:
-    return sorted({int(v) for v in text.split(",") if v.strip()})
-
-
 def _targets(text: str) -> list[str]:
     names = [v.strip() for v in text.split(",") if v.strip()]
     bad = set(names) - {"bare", "ours"}
@@ -511,52 +270,12 @@ def _targets(text: str) -> list[str]:
     return [n for n in ("bare", "ours") if n in names]
 
 
-def run_in_workdir(prog: str, keep_logs: bool, body: Callable[[Path], dict[str, Any]]) -> dict[str, Any] | None:
-    """Run ``body(workdir)`` with servers stopped on SIGTERM/Ctrl-C; None (logs kept) on failure."""
-    workdir = Path(tempfile.mkdtemp(prefix=f"{prog}_"))
-    keep = keep_logs
-    try:
-        with sigterm_as_interrupt():
-            return body(workdir)
-    except BenchError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
-        keep = True
-        return None
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; servers stopped", file=sys.stderr)
-        raise SystemExit(130) from None
-    finally:
-        if keep:
-            print(f"{prog}: server logs kept in {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-
-
-def write_json(result: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {path}")
-
-
-def finish(result: dict[str, Any] | None, text: Callable[[dict[str, Any]], str], path: Path | None) -> int:
-    """A bench's end: print its table and, given ``path``, write the result there and the table beside
-    it (``.txt``); exit status 1 when the bench failed (``result`` None)."""
-    if result is None:
-        return 1
-    table = text(result)
-    print(table)
-    if path is not None:
-        write_json(result, path)
-        path.with_suffix(".txt").write_text(table + "\n")
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m load_tests.bench_tiny", description="bare server vs dl-inference serve")
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds per run")
     p.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds per run")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds per target")
-    p.add_argument("--concurrency", type=_int_list, default=[1, 16], help="comma list (default 1,16)")
+    p.add_argument("--concurrency", type=int_list, default=[1, 16], help="comma list (default 1,16)")
     p.add_argument("--targets", type=_targets, default=["bare", "ours"], help="bare,ours (default both)")
     p.add_argument("--no-http", dest="http", action="store_false", help="skip the ours-over-HTTP rows")
     p.add_argument("--ort-duration", type=float, default=3.0, help="seconds of the in-process ORT loop")

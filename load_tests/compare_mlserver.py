@@ -42,7 +42,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -53,17 +52,17 @@ from typing import Any
 
 import numpy as np
 
-from load_tests.bench_tiny import (
+from load_tests.lib.procs import tree_cpu_seconds
+from load_tests.lib.report import int_list, machine_info, median, num, ratio, round_medians, write_json
+from load_tests.lib.server import (
     BenchError,
     Server,
     free_port,
-    machine_info,
     ours_command,
     run_in_workdir,
     start_server,
     stop_server,
     wait_ready,
-    write_json,
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -247,46 +246,6 @@ def mlserver_versions(venv: Path) -> dict[str, str]:
 
 # ---------------------------------------------------------------------------------------------
 # CPU of a server's process group
-
-
-def _proc_stats() -> dict[int, tuple[int, int, int]]:
-    """{pid: (ppid, pgrp, utime + stime ticks)} of every live process, from /proc."""
-    out: dict[int, tuple[int, int, int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        # after "pid (comm) ": state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime
-        fields = stat[stat.rfind(b")") + 2 :].split()
-        out[int(entry)] = (int(fields[1]), int(fields[2]), int(fields[11]) + int(fields[12]))
-    return out
-
-
-def tree_cpu_seconds(root_pids: list[int]) -> dict[int, float]:
-    """{root pid: user + system CPU seconds of its live process tree}.
-
-    The tree is the process, its descendants (by parent pid) and its process group: our workers
-    run in sessions of their own, MLServer's in the server's group."""
-    stats = _proc_stats()
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _, _) in stats.items():
-        children.setdefault(ppid, []).append(pid)
-    hz = os.sysconf("SC_CLK_TCK")
-    result: dict[int, float] = {}
-    for root in root_pids:
-        seen = {pid for pid, (_, pgrp, _) in stats.items() if pgrp == root}
-        todo = [root]
-        while todo:
-            pid = todo.pop()
-            if pid in stats:
-                seen.add(pid)
-                todo.extend(children.get(pid, []))
-        result[root] = sum(stats[pid][2] for pid in seen if pid in stats) / hz
-    return result
 
 
 def servers_cpu(servers: dict[str, Server]) -> dict[str, float]:
@@ -507,11 +466,6 @@ def measure(
     return report
 
 
-def median(values: list[float | None]) -> float | None:
-    vals = [v for v in values if v is not None]
-    return statistics.median(vals) if vals else None
-
-
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (model, protocol, concurrency, target): medians across rounds."""
     cells: dict[tuple[str, str, int, str], list[dict[str, Any]]] = {}
@@ -525,10 +479,7 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "protocol": protocol,
                 "concurrency": conc,
                 "target": target,
-                "rounds": len(reps),
-                "throughput_rps": median([r["throughput_rps"] for r in reps]),
-                "p50_ms": median([r["latency_ms"]["p50"] for r in reps]),
-                "p99_ms": median([r["latency_ms"]["p99"] for r in reps]),
+                **round_medians(reps),
                 "server_cpu_cores": median([r.get("server_cpu_cores") for r in reps]),
                 "server_cpu_ms_per_request": median([_cpu_ms_per_request(r) for r in reps]),
                 "client_cpu_cores": median([r.get("client_cpu_util") for r in reps]),
@@ -558,8 +509,7 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
 
         def div(key: str, ours: dict[str, Any] = ours, theirs: dict[str, Any] = theirs) -> float | None:
-            a, b = ours[key], theirs[key]
-            return a / b if a is not None and b else None
+            return ratio(ours[key], theirs[key])
 
         out.append(
             {
@@ -575,10 +525,6 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _num(v: float | None, fmt: str) -> str:
-    return "-" if v is None else format(v, fmt)
-
-
 def format_tables(rows: list[dict[str, Any]], ratio_rows: list[dict[str, Any]], models: list[str]) -> str:
     order = {t: i for i, t in enumerate(TARGETS)}
     morder = {m: i for i, m in enumerate(models)}
@@ -591,9 +537,9 @@ def format_tables(rows: list[dict[str, Any]], ratio_rows: list[dict[str, Any]], 
     for r in rows:
         lines.append(
             f"{r['model']:<6} | {r['protocol']:<5} | {r['concurrency']:>4} | {r['target']:<12} | "
-            f"{_num(r['throughput_rps'], '8.1f')} | {_num(r['p50_ms'], '8.3f')} | {_num(r['p99_ms'], '8.3f')} | "
-            f"{_num(r['server_cpu_cores'], '9.2f')} | {_num(r.get('server_cpu_ms_per_request'), '14.3f')} | "
-            f"{_num(r['client_cpu_cores'], '9.2f')} | {r['errors']:>6}"
+            f"{num(r['throughput_rps'], '8.1f')} | {num(r['p50_ms'], '8.3f')} | {num(r['p99_ms'], '8.3f')} | "
+            f"{num(r['server_cpu_cores'], '9.2f')} | {num(r.get('server_cpu_ms_per_request'), '14.3f')} | "
+            f"{num(r['client_cpu_cores'], '9.2f')} | {r['errors']:>6}"
         )
     vs = [t for t in TARGETS if t != "ours" and any(r["vs"] == t for r in ratio_rows)]
     if vs:
@@ -617,7 +563,7 @@ def format_tables(rows: list[dict[str, Any]], ratio_rows: list[dict[str, Any]], 
                     parts.append(f"{'-':<33}")
                 else:
                     parts.append(
-                        f"{'':<16}{_num(r['throughput'], '5.2f')} {_num(r['p50'], '5.2f')} {_num(r['p99'], '5.2f')}"
+                        f"{'':<16}{num(r['throughput'], '5.2f')} {num(r['p50'], '5.2f')} {num(r['p99'], '5.2f')}"
                     )
             lines.append(f"{model:<6} | {protocol:<5} | {conc:>4} | " + " | ".join(parts))
     return "\n".join(lines)
@@ -737,8 +683,8 @@ def _short(rep: dict[str, Any]) -> str:
     lat = rep["latency_ms"]
     return (
         f"{rep['protocol']:<4} c={rep['concurrency']:<3} {rep['throughput_rps']:8.1f} req/s  "
-        f"p50 {_num(lat['p50'], '.3f')} ms  p99 {_num(lat['p99'], '.3f')} ms  errors {rep['errors']}  "
-        f"srv {rep['server_cpu_cores']:.2f} cli {_num(rep.get('client_cpu_util'), '.2f')} cores"
+        f"p50 {num(lat['p50'], '.3f')} ms  p99 {num(lat['p99'], '.3f')} ms  errors {rep['errors']}  "
+        f"srv {rep['server_cpu_cores']:.2f} cli {num(rep.get('client_cpu_util'), '.2f')} cores"
     )
 
 
@@ -792,10 +738,6 @@ def report_text(result: dict[str, Any], command: str) -> str:
     return "\n".join(lines)
 
 
-def _int_list(text: str) -> list[int]:
-    return sorted({int(v) for v in text.split(",") if v.strip()})
-
-
 def _choices(valid: tuple[str, ...]) -> Any:
     def parse(text: str) -> list[str]:
         names = [v.strip() for v in text.split(",") if v.strip()]
@@ -818,7 +760,7 @@ def main(argv: list[str] | None = None) -> int:
         "--models", type=_choices(tuple(MODELS)), default=list(MODELS), help="default all: " + ",".join(MODELS)
     )
     p.add_argument("--protocols", type=_choices(("grpc", "http")), default=["grpc", "http"], help="default grpc,http")
-    p.add_argument("--concurrency", type=_int_list, default=None, help="comma list for every model (default per model)")
+    p.add_argument("--concurrency", type=int_list, default=None, help="comma list for every model (default per model)")
     p.add_argument("--targets", type=_choices(TARGETS), default=list(TARGETS), help="default " + ",".join(TARGETS))
     p.add_argument("--mlserver-venv", type=Path, default=MLSERVER_VENV, help="venv with mlserver (make mlserver-env)")
     p.add_argument("--ready-timeout", type=float, default=120.0, help="seconds to wait for each server")

@@ -33,7 +33,7 @@ costs no CPU, so requests really are in flight when a worker dies or the gateway
 capacity does not depend on what else the 2-core machine is doing.
 
 Load: a small asyncio open-loop sender over gRPC (pre-serialized ModelInferRequest, identity
-serializers, as ``load_tests.perf``), constant arrival (``perf.arrival_times``), latency measured from
+serializers, as ``load_tests.perf``), constant arrival (``lib.load.arrival_times``), latency measured from
 each request's *intended* send time. It keeps every request's record (intended/sent/done time,
 outcome, message) because the scenarios cut the run at the fault, which perf's windowed ``LoadRun``
 cannot. Every request has a gRPC deadline (``--request-timeout``); one that reaches it without an
@@ -72,12 +72,15 @@ from typing import Any
 import numpy as np
 import yaml
 
-from load_tests.bench_tiny import (
+from load_tests.lib.load import arrival_times
+from load_tests.lib.procs import child_pids, cpu_times, descendants, rss_bytes, tree_rss
+from load_tests.lib.report import machine_info, percentile, to_json, write_json_and_text
+from load_tests.lib.server import (
     REPO_ROOT,
     BenchError,
     Server,
     free_port,
-    machine_info,
+    py_module,
     start_server,
     stop_server,
     wait_ready,
@@ -92,7 +95,6 @@ from load_tests.loadgen import (
     grpc_request_bytes,
     run_coroutine,
 )
-from load_tests.perf import arrival_times
 
 RESULTS = REPO_ROOT / "load_tests" / "results"
 SCENARIOS = ("kill_worker", "stop_node", "cut_node", "sigterm_gateway", "overload", "sigterm_node")
@@ -198,62 +200,6 @@ def http_body(model: str) -> bytes:
 # processes and /proc
 
 
-def _ppid(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat[stat.rindex(")") + 2 :].split()[1])  # after "pid (comm) state"
-
-
-def child_pids(pid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and _ppid(int(entry.name)) == pid:
-            out.append(int(entry.name))
-    return out
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (children, their children...), from /proc."""
-    parents: dict[int, list[int]] = collections.defaultdict(list)
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            parent = _ppid(int(entry.name))
-            if parent is not None:
-                parents[parent].append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def rss_bytes(pid: int) -> int | None:
-    """Resident set size of one process (VmRSS), None when it is gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return 0  # a zombie has no VmRSS
-
-
-def tree_rss(pid: int) -> dict[str, Any]:
-    """RSS of ``pid`` (the gateway) and of all its descendants (its workers), in bytes."""
-    kids = descendants(pid)
-    own = rss_bytes(pid)
-    workers = [r for r in (rss_bytes(k) for k in kids) if r is not None]
-    return {
-        "gateway": own,
-        "workers": sum(workers),
-        "total": (own or 0) + sum(workers),
-        "processes": 1 + len(workers) if own is not None else len(workers),
-    }
-
-
 def worker_label(pid: int) -> str | None:
     """The ``model:version#instance`` label the gateway gave a worker (its DL_INFERENCE_WORKER)."""
     try:
@@ -276,16 +222,12 @@ def worker_pids(gateway_pid: int, model: str | None = None) -> dict[int, str]:
     return out
 
 
-def py(*args: str) -> list[str]:
-    return [sys.executable, "-m", *args]
-
-
 def start_gateway(
     workdir: Path, name: str, repo: Path, models: Sequence[str], *, nodes: Sequence[str] = (),
     config: dict[str, Any] | None = None, ready_timeout: float = 120.0,
 ) -> Server:  # fmt: skip
     grpc_port, http_port = free_port(), free_port()
-    cmd = py("dl_inference", "serve", "--model-repository", str(repo), "--host", "127.0.0.1",
+    cmd = py_module("dl_inference", "serve", "--model-repository", str(repo), "--host", "127.0.0.1",
              "--grpc-port", str(grpc_port), "--http-port", str(http_port), "--metrics-port", "0")  # fmt: skip
     for node in nodes:
         cmd += ["--node", node]
@@ -313,7 +255,7 @@ def start_node(
     port: int | None = None,
 ) -> Server:
     port = port or free_port()
-    cmd = [*prefix, *py("dl_inference", "worker", "--model-repository", str(repo), "--model", model,
+    cmd = [*prefix, *py_module("dl_inference", "worker", "--model-repository", str(repo), "--model", model,
                         "--host", host, "--grpc-port", str(port))]  # fmt: skip
     server = start_server(name, cmd, workdir / f"{name}.log", f"{host}:{port}")
     try:
@@ -723,13 +665,6 @@ class RssSampler:
         self.sample()
 
 
-def cpu_times() -> tuple[int, int]:
-    """(busy, total) jiffies of the whole machine, from /proc/stat."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return sum(fields) - idle, sum(fields)
-
-
 class MachineWatch:
     """Noise on a shared machine: how busy all CPUs were during a scenario, and how late the load
     generator's own event loop woke up (a stalled client sends late and reads answers late)."""
@@ -784,14 +719,7 @@ def rss_summary(samples: Sequence[dict[str, Any]], key: str) -> dict[str, Any] |
 
 
 # ---------------------------------------------------------------------------------------------
-# summaries (pure: tests/unit/test_faults_report.py)
-
-
-def percentile(values: Iterable[float], p: float) -> float | None:
-    arr = np.asarray(list(values), dtype=np.float64)
-    if not arr.size:
-        return None
-    return float(np.percentile(arr, p, method="higher"))
+# summaries (pure: tests/tools/test_faults_report.py)
 
 
 def summarize(records: Sequence[Rec], max_messages: int = 8) -> dict[str, Any]:
@@ -844,24 +772,6 @@ def timeline(records: Sequence[Rec], t0: float, step: float = 1.0) -> list[dict[
             }
         )
     return out
-
-
-def to_json(obj: Any, indent: int = 0) -> str:
-    """JSON with dicts and lists of containers indented, but each dict or list of plain values on one
-    line: the per-request timelines and 50 ms endpoint series stay readable and small."""
-    pad, inner = " " * indent, " " * (indent + 1)
-
-    def flat(v: Any) -> bool:
-        return not isinstance(v, (dict, list)) or (
-            all(not isinstance(x, (dict, list)) for x in (v.values() if isinstance(v, dict) else v))
-        )
-
-    if flat(obj):
-        return json.dumps(obj, default=str)
-    if isinstance(obj, dict):
-        items = [f"{inner}{json.dumps(str(k))}: {to_json(v, indent + 1)}" for k, v in obj.items()]
-        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
-    return "[\n" + ",\n".join(inner + to_json(v, indent + 1) for v in obj) + "\n" + pad + "]"
 
 
 def _round(v: float | None, digits: int = 3) -> float | None:
@@ -1252,7 +1162,7 @@ def scenario_cut_node(workdir: Path, opts: Options) -> dict[str, Any]:
         else:
             behind = reg(start_node(workdir, "node1", repo, "simple"))
             port = free_port()
-            proxy = reg(start_server("tcp proxy", py("load_tests.faults", "tcp-proxy", "--port", str(port),
+            proxy = reg(start_server("tcp proxy", py_module("load_tests.faults", "tcp-proxy", "--port", str(port),
                                                      "--target", behind.grpc_url),
                                      workdir / "tcp-proxy.log", f"127.0.0.1:{port}"))  # fmt: skip
             wait_ready(proxy, 30.0, ("simple",))
@@ -1643,7 +1553,7 @@ def grpc_stall_main(argv: list[str]) -> int:
     p.add_argument("--stall-s", type=float, default=1.5)
     args = p.parse_args(argv)
     port = free_port()
-    cmd = py("load_tests.faults", "echo-server", "--port", str(port), "--max-pending", str(args.max_pending))
+    cmd = py_module("load_tests.faults", "echo-server", "--port", str(port), "--max-pending", str(args.max_pending))
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
     try:
         assert proc.stdout is not None
@@ -1756,10 +1666,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     text = report_text(report)
     print("\n" + text)
-    for path, content in ((args.json, to_json(report) + "\n"), (args.txt, text)):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(content)
-    print(f"wrote {args.json} and {args.txt}")
+    write_json_and_text(args.json, to_json(report) + "\n", args.txt, text)
     return 0 if all(not r.get("problems_all") for r in results) else 1
 
 

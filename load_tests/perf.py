@@ -53,6 +53,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from load_tests.histogram import Histogram
+from load_tests.lib.load import arrival_times
 from load_tests.loadgen import (
     MAX_MESSAGE_BYTES,
     MODEL_INFER_PATH,
@@ -995,20 +996,6 @@ class Progress:
             self.stream.write("\r" + " " * self.width + "\r")
             self.stream.flush()
             self.width = 0
-
-
-def arrival_times(rate: float, arrival: str, t0: float, rng: np.random.Generator) -> Iterable[float]:
-    """Intended send times: every 1/rate s (constant), or exponential gaps of mean 1/rate (poisson)."""
-    gap = 1.0 / rate
-    if arrival == "constant":
-        k = 0
-        while True:
-            yield t0 + k * gap
-            k += 1
-    t = t0
-    while True:
-        t += float(rng.exponential(gap))
-        yield t
 
 
 class LoadRun:

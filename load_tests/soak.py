@@ -43,7 +43,6 @@ from typing import Any
 import numpy as np
 import yaml
 
-from load_tests.bench_tiny import BenchError, Server, machine_info, stop_server
 from load_tests.faults import (
     LOST,
     OK,
@@ -53,15 +52,14 @@ from load_tests.faults import (
     OpenLoop,
     clock,
     closed_loop,
-    cpu_times,
     example_model_file,
-    rss_bytes,
     start_gateway,
-    to_json,
-    tree_rss,
     write_simple_model,
 )
 from load_tests.histogram import Histogram
+from load_tests.lib.procs import cpu_times, rss_bytes, tree_rss
+from load_tests.lib.report import machine_info, to_json, write_json_and_text
+from load_tests.lib.server import BenchError, Server, stop_server
 from load_tests.loadgen import run_coroutine
 
 MODEL = "simple"
@@ -460,10 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     report["problems"] = soak_verdict(report)
     text = format_report(report)
     print("\n" + text)
-    for path, content in ((args.json, to_json(report) + "\n"), (args.txt, text)):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(content)
-    print(f"wrote {args.json} and {args.txt}")
+    write_json_and_text(args.json, to_json(report) + "\n", args.txt, text)
     return 0 if not report["problems"] else 1
 
 

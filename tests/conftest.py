@@ -1,3 +1,5 @@
+"""Fixtures shared by tests/integration and tests/tools: the example repository and one running server."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest
@@ -21,7 +20,6 @@ from load_tests.faults import (
     summarize,
     table_row,
     timeline,
-    to_json,
     verdict,
     write_simple_model,
 )
@@ -292,11 +290,3 @@ def test_endpoint_series_keeps_every_state_change() -> None:
     times = [row[0] for row in series["rows"]]
     assert times[:3] == [0.0, 0.5, 1.0] and 2.0 in times and 4.0 in times
     assert all(row[1] in ("healthy", "unhealthy") for row in series["rows"])
-
-
-def test_to_json_round_trips_with_one_line_per_row() -> None:
-    obj = {"a": 1, "rows": [[0.0, "healthy", 3], [0.1, "down", 4]], "nested": {"x": [1, 2], "y": {"z": None}}}
-    text = to_json(obj)
-    assert json.loads(text) == obj
-    assert text.splitlines()[3] == '  [0.0, "healthy", 3],'
-    assert to_json({"x": 1, "y": "z"}) == '{"x": 1, "y": "z"}' and to_json([1, 2]) == "[1, 2]"

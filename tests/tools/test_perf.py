@@ -1,7 +1,7 @@
 """load_tests.perf and load_tests.histogram: histogram accuracy, the stability rule, the open-loop
 scheduler (coordinated omission), report writers, scenarios, encoders, and TF-Serving REST against a
 tiny aiohttp fake (the server has no TF-Serving API yet). No real server here: see
-tests/integration/test_perf_tool.py."""
+tests/tools/test_perf_tool.py."""
 
 from __future__ import annotations
 
@@ -27,7 +27,6 @@ from load_tests.perf import (
     Point,
     Prepared,
     Target,
-    arrival_times,
     encode_grpc,
     encode_http,
     encode_tfs_rest,
@@ -121,18 +120,6 @@ def test_stability_rule() -> None:
     assert is_stable([(100, 5.0), (118, 5.0), (100, 5.0)], 3, 15) and not is_stable(
         [(100, 5.0), (118, 5.0), (100, 5.0)], 3, 10
     )
-
-
-def test_arrival_times() -> None:
-    constant = arrival_times(100.0, "constant", 10.0, np.random.default_rng(0))
-    first = [next(iter(constant)) for _ in range(3)]
-    assert first == pytest.approx([10.0, 10.01, 10.02])
-    gen = iter(arrival_times(200.0, "poisson", 0.0, np.random.default_rng(0)))
-    times = np.array([next(gen) for _ in range(20_000)])
-    gaps = np.diff(times)
-    assert gaps.min() >= 0
-    assert gaps.mean() == pytest.approx(1 / 200, rel=0.03)
-    assert gaps.std() / gaps.mean() == pytest.approx(1.0, rel=0.05)  # exponential: CV 1
 
 
 # ---------------------------------------------------------------------------------------------
