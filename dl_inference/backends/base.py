@@ -127,6 +127,7 @@ _REGISTRY: dict[str, str] = {
     "pytorch": "dl_inference.backends.pytorch_backend:PyTorchBackend",
     "tensorrt": "dl_inference.backends.tensorrt_backend:TensorRTBackend",
     "tensorflow": "dl_inference.backends.tensorflow_backend:TensorFlowBackend",
+    "openvino": "dl_inference.backends.openvino_backend:OpenVinoBackend",
 }
 # Triton platform names and other spellings -> registry name.
 _ALIASES: dict[str, str] = {

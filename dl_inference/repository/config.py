@@ -35,6 +35,7 @@ BACKEND_DEFAULT_FILENAME: dict[str, str] = {
     "pytorch": "model.pt",
     "tensorflow": "model.savedmodel",
     "caffe": "*.prototxt + *.caffemodel",
+    "openvino": "model.xml",
 }
 SUPPORTED_BACKENDS: tuple[str, ...] = tuple(BACKEND_DEFAULT_FILENAME)
 
@@ -53,6 +54,7 @@ _ALIASES: dict[str, str] = {
     "tensorflow_savedmodel": "tensorflow",
     "tensorflow_graphdef": "tensorflow",
     "caffe": "caffe",
+    "openvino": "openvino",
 }
 # Platforms whose default file differs from their backend's.
 _PLATFORM_DEFAULT_FILENAME: dict[str, str] = {"tensorflow_graphdef": "model.graphdef"}
@@ -66,6 +68,7 @@ _MODEL_FILES: tuple[tuple[str, str], ...] = (
     ("model.py", "pytorch"),
     ("model.pth", "pytorch"),
     ("model.savedmodel", "tensorflow"),
+    ("model.xml", "openvino"),
 )
 # File-name suffixes used when ``default_model_filename`` names a non-default file.
 _SUFFIXES: dict[str, str] = {
@@ -77,6 +80,7 @@ _SUFFIXES: dict[str, str] = {
     ".pth": "pytorch",
     ".savedmodel": "tensorflow",
     ".graphdef": "tensorflow",
+    ".xml": "openvino",
 }
 
 
