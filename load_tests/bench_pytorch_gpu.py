@@ -542,6 +542,8 @@ def measure(
 ) -> dict[str, Any]:
     """One loadgen run (gRPC, ``request_batch`` images per request; ``input_data``: the rows to send,
     cycled, instead of random tensors) with the stats delta around it as ``server_stats``."""
+    connections = getattr(args, "connections", 1)  # benches that share this function may not have them
+    processes = getattr(args, "client_processes", 1)
     cfg = LoadConfig(
         url=server.grpc_url,
         protocol="grpc",
@@ -553,11 +555,11 @@ def measure(
         request_timeout=args.request_timeout,
         input_data=input_data or {},
         shared_memory=shared_memory,
-        connections=1 if shared_memory else args.connections,
+        connections=1 if shared_memory else connections,
     )
     before = model_stats(server, model)
-    if args.client_processes > 1 and not input_data and not shared_memory:
-        extra = ("--processes", str(args.client_processes), "--connections", str(args.connections),
+    if processes > 1 and not input_data and not shared_memory:
+        extra = ("--processes", str(processes), "--connections", str(connections),
                  "--batch", str(request_batch), "--request-timeout", str(args.request_timeout))  # fmt: skip
         with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:
             report = run_loadgen(server.grpc_url, "grpc", concurrency, args.duration, args.warmup,

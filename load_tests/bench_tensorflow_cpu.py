@@ -57,7 +57,11 @@ SPECS: dict[str, tuple[dict[str, str], int, tuple[tuple[int, int], ...]]] = {
     "tf_onednn_off": ({"intra_op_threads": "{threads}", "onednn": "off"}, 1, ((1, 1), (8, 1))),
     "tf_onednn_on": ({"intra_op_threads": "{threads}", "onednn": "on"}, 1, ((1, 1), (8, 1))),
     "tf_itex": ({"intra_op_threads": "{threads}", "worker_environment": "itex"}, 1, ((1, 1), (8, 1))),
-    "onnxruntime": ({"intra_op_thread_count": "{threads}"}, 1, ((1, 1), (8, 1))),
+    "onnxruntime": ({"intra_op_thread_count": "{threads}"}, 1, ((1, 1), (8, 1), (1, 8))),
+    # OpenVINO (issue 27) on the converted model.onnx: f32, and bf16 (native on AMX / AVX-512 BF16 CPUs; elsewhere
+    # OpenVINO runs f32 and the worker says so), at 1 and 8 images per request and at concurrency 8
+    "openvino_f32": ({"num_threads": "{threads}", "precision": "f32"}, 1, ((1, 1), (8, 1), (1, 8))),
+    "openvino_bf16": ({"num_threads": "{threads}", "precision": "bf16"}, 1, ((1, 1), (8, 1), (1, 8))),
     "tf_1thread": ({"intra_op_threads": "1"}, 1, ((1, 1),)),
     "tf_2x1thread": ({"intra_op_threads": "1"}, 2, ((1, 2),)),
     "tf_1thread_pinned": ({"intra_op_threads": "1", "cpu_affinity": "{last_cpu}"}, 1, ((1, 1),)),
@@ -72,6 +76,8 @@ COMPARISONS = [
     ("tf_1thread", "tf_default", 1, 1),
     ("tf_2x1thread", "tf_default", 1, 2),
     ("tf_1thread_pinned", "tf_1thread", 1, 1),
+    *((v, "onnxruntime", b, c) for v in ("openvino_f32", "openvino_bf16") for b, c in ((1, 1), (8, 1), (1, 8))),
+    ("openvino_bf16", "openvino_f32", 8, 1),
 ]
 ITEX_PYTHON = REPO_ROOT / ".venv-itex" / "bin" / "python"
 IMAGE = 224
@@ -128,7 +134,7 @@ def convert_to_onnx(savedmodel: Path, onnx_path: Path, say: Output) -> list[str]
 
 def variant_config(variant: str, threads: int) -> str:
     params, instances, _ = SPECS[variant]
-    backend = "onnxruntime" if variant == "onnxruntime" else "tensorflow"
+    backend = variant if variant == "onnxruntime" else "openvino" if variant.startswith("openvino") else "tensorflow"
     last_cpu = str(max(os.sched_getaffinity(0)))
     lines = [f'backend: "{backend}"', "max_batch_size: 8", f"instance_group [{{ count: {instances}, kind: KIND_CPU }}]"]
     for key, value in params.items():
@@ -141,7 +147,7 @@ def write_repository(repo: Path, variants: list[str], savedmodel: Path, onnx_pat
     for variant in variants:
         version = repo / variant / "1"
         version.mkdir(parents=True, exist_ok=True)
-        if variant == "onnxruntime":
+        if variant == "onnxruntime" or variant.startswith("openvino"):
             assert onnx_path is not None
             shutil.copyfile(onnx_path, version / "model.onnx")
         else:
@@ -240,7 +246,7 @@ def bench(args: argparse.Namespace, workdir: Path, say: Output) -> dict[str, Any
     say.progress("building the ResNet-50 SavedModel ...")
     result["model"] = build_savedmodel(savedmodel, args.seed, IMAGE, say)
     onnx_path = None
-    if "onnxruntime" in variants:
+    if any(v == "onnxruntime" or v.startswith("openvino") for v in variants):
         say.progress("converting it to ONNX (dl-inference convert tf-to-onnx, with its parity check) ...")
         onnx_path = workdir / "resnet50.onnx"
         t0 = time.monotonic()
