@@ -24,6 +24,16 @@ def _setup_logging(level: str) -> None:
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
+def _bool(text: str) -> bool:
+    """Triton's boolean flag values: true/false, 1/0, yes/no, on/off."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dl-inference", description="Multi-backend V2 inference server")
     p.add_argument("--version", action="version", version=f"dl-inference {__version__}")
@@ -75,6 +85,18 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--frontends", type=int, help="processes serving the gRPC and HTTP ports (Linux; default: cores/4, at most 8)"
     )
+    s.add_argument(
+        "--exit-on-error", type=_bool, nargs="?", const=True, metavar="BOOL",
+        help="exit when a model fails to load at start (default true, as Triton; =false serves the others)",
+    )  # fmt: skip
+    s.add_argument(
+        "--strict-readiness", type=_bool, nargs="?", const=True, metavar="BOOL",
+        help="ready only while every model is ready (default true, as Triton; =false: ready once started)",
+    )  # fmt: skip
+    s.add_argument(
+        "--disable-auto-complete-config", action="store_const", const=True, default=None,
+        help="take each config as written: it must list its inputs and outputs, and nothing is filled in",
+    )  # fmt: skip
     s.add_argument("--config", help="server settings YAML (flags override it)")
 
     f = sub.add_parser("frontend", parents=[common])  # started by `serve --frontends N`; no help: internal
@@ -285,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         for k in (
             "model_repository", "http_port", "grpc_port", "metrics_port", "host", "model_control_mode",
             "load_models", "repository_poll_secs", "max_request_bytes", "max_inflight_requests", "nodes", "node_file",
-            "control_api", "control_port", "frontends",
+            "control_api", "control_port", "frontends", "exit_on_error", "strict_readiness",
+            "disable_auto_complete_config",
         )
     }  # fmt: skip
     overrides["log_level"] = args.log_level

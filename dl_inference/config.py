@@ -57,6 +57,12 @@ class ServerSettings:
     # per-client request rate (clients keyed by token, else address): {requests_per_s, burst}; empty: off
     rate_limit: dict[str, Any] = field(default_factory=dict)
     load_timeout_s: float = 600.0
+    # Triton's start-up conventions, with Triton's defaults: a model that fails to load at start stops the
+    # server (exit status 1); the server is ready only while every model it holds or tried to load is
+    # ready; backends complete a model's config from its file unless told not to.
+    exit_on_error: bool = True
+    strict_readiness: bool = True
+    disable_auto_complete_config: bool = False
     stop_grace_s: float = 10.0
     log_level: str = "INFO"
     # Frontend processes serving the gRPC and HTTP ports (SO_REUSEPORT; dl_inference/gateway/frontend_processes.py).

@@ -108,6 +108,7 @@ class ModelLifecycle:
                     self.repository, source.name, version, index, device, gpu, python=python,
                     max_tensor_elements=self.settings.max_tensor_elements,
                     max_bytes_element=self.settings.max_bytes_element,
+                    auto_complete=not self.settings.disable_auto_complete_config,
                 )
             )  # fmt: skip
         return specs

@@ -44,6 +44,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+class StartupFailed(Exception):
+    """The server cannot start as configured (e.g. a model failed to load and exit_on_error is on)."""
+
+
 class RoutingDataPlane(DataPlane):
     """Routing, counting and describing over a table of models (``models``) and the balancer's remote
     nodes. Who fills the table, and the repository and shared-memory operations, are the subclass's."""
@@ -94,7 +98,12 @@ class RoutingDataPlane(DataPlane):
         return self.phase is Phase.SERVING and self.models_ready()
 
     def models_ready(self) -> bool:
-        """Every model this server holds has a ready version (or, with none, a remote node serves)."""
+        """Every model this server holds has a ready version (or, with none, a remote node serves), and
+        none failed to load; always true without strict readiness."""
+        if not self.settings.strict_readiness:
+            return True
+        if self.load_errors:
+            return False
         if not self.models:
             if self.balancer.nodes:
                 now = self.balancer.clock.now()
@@ -323,6 +332,12 @@ class GatewayDataPlane(RoutingDataPlane):
         await self.pool.start()
         await self.balancer.start()
         await self.lifecycle.start()
+        failed = sorted(self.lifecycle.load_errors)
+        if failed and self.settings.exit_on_error:
+            raise StartupFailed(
+                f"model(s) {', '.join(failed)} failed to load at start; exiting (exit_on_error; start with "
+                "--exit-on-error=false to serve the models that did load)"
+            )
         self.advance(Phase.SERVING)
         if self.settings.shared_memory_sweep_s:
             self._spawn_task(self._sweep_loop(self.settings.shared_memory_sweep_s))

@@ -14,7 +14,7 @@ from dl_inference import offload
 from dl_inference.config import ServerSettings
 from dl_inference.frontends.grpc_server import GrpcServer
 from dl_inference.frontends.http_server import HttpFrontend, metrics_app
-from dl_inference.gateway.router import GatewayDataPlane, RoutingDataPlane
+from dl_inference.gateway.router import GatewayDataPlane, RoutingDataPlane, StartupFailed
 from dl_inference.memtrim import trim_every
 from dl_inference.security import TlsSettings
 
@@ -146,7 +146,12 @@ async def run_listeners(
     if stop_also is not None:
         waits.add(asyncio.create_task(stop_also.wait()))
     await asyncio.wait({start, *waits}, return_when=asyncio.FIRST_COMPLETED)
-    if not (stop.is_set() or (stop_also is not None and stop_also.is_set())):
+    code = 0
+    if start.done() and not start.cancelled() and start.exception() is not None:
+        failure = start.exception()
+        log.error("%s", failure if isinstance(failure, StartupFailed) else f"start-up failed: {failure!r}")
+        code = 1
+    elif not (stop.is_set() or (stop_also is not None and stop_also.is_set())):
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     for task in waits:
         task.cancel()
@@ -173,4 +178,4 @@ async def run_listeners(
         await supervisor.wait_stopped(delay + grace + 5)
     await dp.close()
     offload.shutdown()
-    return 0
+    return code

@@ -83,6 +83,7 @@ class WorkerSpec:
     python: str = sys.executable
     max_tensor_elements: int = 0  # 0: only the request size bounds them
     max_bytes_element: int = 0
+    auto_complete: bool = True  # False: --disable-auto-complete-config
 
     @property
     def label(self) -> str:
@@ -268,6 +269,8 @@ class WorkerPool:
             cmd += ["--max-tensor-elements", str(spec.max_tensor_elements)]
         if spec.max_bytes_element:
             cmd += ["--max-bytes-element", str(spec.max_bytes_element)]
+        if not spec.auto_complete:
+            cmd.append("--disable-auto-complete-config")
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
         env["DL_INFERENCE_WORKER"] = spec.label

@@ -37,8 +37,12 @@ def load_model_version(
     device_id: int | None = None,
     max_tensor_elements: int = 0,
     max_bytes_element: int = 0,
+    auto_complete: bool = True,
 ) -> LoadedModel:
-    """Read the model's config, pick the version (latest by policy if None), load its backend."""
+    """Read the model's config, pick the version (latest by policy if None), load its backend.
+
+    ``auto_complete`` False (``--disable-auto-complete-config``): the config must list the model's
+    inputs and outputs, and the backend may check it against the model file but not change it."""
     start = time.monotonic()
     validate_model_name(name)
     model_dir = resolve_inside(repository, name)
@@ -54,6 +58,14 @@ def load_model_version(
     if version not in available:
         raise NotFound(f"model '{name}' has no version {version} in {model_dir}")
     version_dir = available[version]
+    if not auto_complete:
+        missing = " and ".join(k for k, v in (("inputs", config.input), ("outputs", config.output)) if not v)
+        if missing:
+            raise InvalidArgument(
+                f"model '{name}': its config lists no {missing}, and auto-complete is disabled "
+                "(--disable-auto-complete-config): list every input and output in config.pbtxt, or let the "
+                "server complete configs"
+            )
     backend = get_backend(backend_name(config, version_dir))
     handler_path = find_handler(version_dir)
     handler: Handler | None = None
@@ -73,6 +85,12 @@ def load_model_version(
                 del target[:]
                 target.extend(getattr(config, field))
     try:
+        if not auto_complete and completed.max_batch_size != config.max_batch_size:
+            raise InvalidArgument(
+                f"model '{name}': its config says max_batch_size {config.max_batch_size}, but the "
+                f"{backend_name(config, version_dir)} backend would serve it with {completed.max_batch_size}; "
+                "auto-complete is disabled (--disable-auto-complete-config), so set max_batch_size in config.pbtxt"
+            )
         if not completed.input or not completed.output:  # never READY with nothing a client can send or get
             missing = " and ".join(k for k, v in (("inputs", completed.input), ("outputs", completed.output)) if not v)
             raise InvalidArgument(

@@ -137,6 +137,7 @@ async def run_worker(args: argparse.Namespace, access: AccessPolicy, tls: TlsSet
             args.device_id,
             args.max_tensor_elements,
             args.max_bytes_element,
+            not args.disable_auto_complete_config,
         )
     except Exception as exc:
         reason = exc.message if isinstance(exc, ServerError) else f"{type(exc).__name__}: {exc}"
@@ -192,6 +193,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-request-bytes", type=int, default=96 * 1024 * 1024)
     p.add_argument("--max-tensor-elements", type=int, default=0, help="per input tensor (0: no separate limit)")
     p.add_argument("--max-bytes-element", type=int, default=0, help="largest BYTES element (0: no separate limit)")
+    p.add_argument(
+        "--disable-auto-complete-config", action="store_true",
+        help="take the config as written: it must list its inputs and outputs, and nothing is filled in",
+    )  # fmt: skip
     p.add_argument("--auth-token-file", help="--grpc-port: tokens, one per line; calls need 'Authorization: Bearer'")
     p.add_argument("--tls-cert", help="--grpc-port: PEM certificate chain, serve gRPC over TLS (with --tls-key)")
     p.add_argument("--tls-key", help="PEM private key of --tls-cert")
