@@ -50,6 +50,9 @@ class ModelLifecycle:
         self.load_errors: dict[str, str] = {}
         self.failed_fingerprints: dict[str, str] = {}
         self.unloaded: set[str] = set()
+        # Failed loads asked for through the repository API: the caller has the error, and strict
+        # readiness leaves them out (the server still serves all it did before).
+        self.api_failures: set[str] = set()
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -231,8 +234,13 @@ class ModelLifecycle:
                 f"load parameters ({', '.join(sorted(parameters))}) are not supported: this server loads "
                 f"models only from the files in its repository"
             )
-        source = await asyncio.to_thread(scan_model, self.repository, name)
-        await self.load_source(source)
+        try:
+            source = await asyncio.to_thread(scan_model, self.repository, name)
+            await self.load_source(source)
+        except ServerError:
+            self.api_failures.add(name)
+            raise
+        self.api_failures.discard(name)
 
     async def unload(self, name: str) -> None:
         if self.settings.model_control_mode != "explicit":

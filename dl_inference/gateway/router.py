@@ -97,12 +97,16 @@ class RoutingDataPlane(DataPlane):
     def ready(self) -> bool:
         return self.phase is Phase.SERVING and self.models_ready()
 
+    def readiness_failures(self) -> set[str]:
+        """Models whose failed load keeps a strictly ready server not ready."""
+        return set(self.load_errors)
+
     def models_ready(self) -> bool:
         """Every model this server holds has a ready version (or, with none, a remote node serves), and
         none failed to load; always true without strict readiness."""
         if not self.settings.strict_readiness:
             return True
-        if self.load_errors:
+        if self.readiness_failures():
             return False
         if not self.models:
             if self.balancer.nodes:
@@ -327,6 +331,10 @@ class GatewayDataPlane(RoutingDataPlane):
         self.load_errors = self.lifecycle.load_errors
         self.shared_memory = SharedMemoryRegistry(own_pids=self._worker_pids)
         self.shared_memory.on_forget = self._forget_regions
+
+    def readiness_failures(self) -> set[str]:
+        # Not those a caller of the load API was told about, nor those whose previous files still serve.
+        return set(self.load_errors) - self.lifecycle.api_failures - set(self.models)
 
     async def start(self) -> None:
         await self.pool.start()

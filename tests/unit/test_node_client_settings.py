@@ -24,7 +24,6 @@ from dl_inference.balancer.remote import RemoteNode, failure_reason
 from dl_inference.balancer.settings import BalancerSettings, DnsSpec, NodeSpec
 from dl_inference.config import load_settings
 from dl_inference.errors import InvalidArgument
-from dl_inference.protocol.framing import Kind
 from dl_inference.protocol.generated import grpc_service_pb2 as pb
 
 TOKEN = "node-token-0123456789abcdef"
@@ -296,8 +295,8 @@ def test_the_token_goes_with_every_call_to_the_node() -> None:
     async def test(node: RemoteNode, fake: FakeNode) -> None:
         await node.first_check()
         assert node.healthy and node.models == {("m", "1")} and "m" in node.configs
-        kind, _, _, body = await node.infer(b"request", 5.0)
-        assert kind is Kind.RESULT and body == b"echo:request"
+        reply = await node.infer(b"request", 5.0)
+        assert not reply.failed and reply.result() == b"echo:request"
         methods = {m.rsplit("/", 1)[-1] for m, _ in fake.calls}
         assert methods == {"Check", "ServerMetadata", "RepositoryIndex", "ModelConfig", "ModelMetadata", "ModelInfer"}
         assert {auth for _, auth in fake.calls} == {f"Bearer {TOKEN}"}
