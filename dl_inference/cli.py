@@ -11,17 +11,45 @@ from pathlib import Path
 from dl_inference import __version__
 
 
-def _setup_logging(level: str) -> None:
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time (ISO 8601, UTC), level, process (gateway, frontend N, worker
+    model:version#instance), logger, message, and the traceback when there is one."""
+
+    def __init__(self, who: str) -> None:
+        super().__init__()
+        self.who = who
+
+    def format(self, record: logging.LogRecord) -> str:
+        import datetime
+        import json
+
+        entry = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "process": self.who,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def _setup_logging(level: str, log_format: str | None = None) -> None:
+    """Logging to stderr; ``log_format`` text (default) or json, else ``$DL_INFERENCE_LOG_FORMAT`` (how
+    ``serve --log-format json`` reaches the workers and frontends it starts)."""
     worker, frontend = os.environ.get("DL_INFERENCE_WORKER"), os.environ.get("DL_INFERENCE_FRONTEND")
     who = f"worker {worker}" if worker else f"frontend {frontend}" if frontend else "gateway"
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format=f"%(asctime)s %(levelname)s [{who}] %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    if (log_format or os.environ.get("DL_INFERENCE_LOG_FORMAT") or "text").lower() == "json":
+        handler.setFormatter(JsonFormatter(who))
+    else:
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [{who}] %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("text", "json")
 
 
 def _bool(text: str) -> bool:
@@ -38,11 +66,13 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dl-inference", description="Multi-backend V2 inference server")
     p.add_argument("--version", action="version", version=f"dl-inference {__version__}")
     p.add_argument("--log-level", default=None, type=str.upper, choices=LOG_LEVELS, help="DEBUG, INFO, WARNING, ERROR")
+    p.add_argument("--log-format", default=None, choices=LOG_FORMATS, help="text (default) or json (object per line)")
     # also accepted after the command (``serve --log-level DEBUG``); SUPPRESS keeps the first one's value
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--log-level", default=argparse.SUPPRESS, type=str.upper, choices=LOG_LEVELS, help="DEBUG, INFO, WARNING, ERROR"
     )
+    common.add_argument("--log-format", default=argparse.SUPPRESS, choices=LOG_FORMATS, help="text or json")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", parents=[common], help="run the gateway and one worker process per model instance")
@@ -275,21 +305,21 @@ def main(argv: list[str] | None = None) -> int:
         tune_malloc()
 
     if args.command == "worker":
-        _setup_logging(args.log_level or "INFO")
+        _setup_logging(args.log_level or "INFO", args.log_format)
         from dl_inference.worker.main import main as worker_main
 
         return worker_main(args)
     if args.command == "convert":
-        _setup_logging(args.log_level or "INFO")
+        _setup_logging(args.log_level or "INFO", args.log_format)
         return _convert(args)
     if args.command == "frontend":
-        _setup_logging(args.log_level or "INFO")
+        _setup_logging(args.log_level or "INFO", args.log_format)
         from dl_inference.eventloop import run
         from dl_inference.gateway.frontend_processes import run_frontend
 
         return run(run_frontend(args.control, args.index))
     if args.command == "make-examples":
-        _setup_logging(args.log_level or "INFO")
+        _setup_logging(args.log_level or "INFO", args.log_format)
         from dl_inference.examples import make_example_repository
 
         names = make_example_repository(Path(args.directory))
@@ -312,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     }  # fmt: skip
     overrides["log_level"] = args.log_level
+    overrides["log_format"] = args.log_format
     try:
         settings = load_settings(args.config, overrides)
         if args.balancer_policy:
@@ -343,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     except ServerError as exc:
         print(f"dl-inference: {exc.message}", file=sys.stderr)
         return 2
-    _setup_logging(settings.log_level)
+    os.environ["DL_INFERENCE_LOG_FORMAT"] = settings.log_format  # the workers and frontends log alike
+    _setup_logging(settings.log_level, settings.log_format)
     from dl_inference.eventloop import run
     from dl_inference.gateway.server import serve
 

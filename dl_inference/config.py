@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 import re
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,7 @@ class ServerSettings:
     disable_auto_complete_config: bool = False
     stop_grace_s: float = 10.0
     log_level: str = "INFO"
+    log_format: str = "text"  # or "json": one object per line, from every process of the server
     # Frontend processes serving the gRPC and HTTP ports (SO_REUSEPORT; dl_inference/gateway/frontend_processes.py).
     # 1: the gateway process alone; 0: automatic (see auto_frontends).
     frontends: int = 0
@@ -122,6 +125,8 @@ class ServerSettings:
             raise InvalidArgument("--model-repository is required")
         if not Path(self.model_repository).is_dir():
             raise InvalidArgument(f"model repository '{self.model_repository}' is not a directory")
+        if self.log_format not in ("text", "json"):
+            raise InvalidArgument(f"log_format must be text or json, got '{self.log_format}'")
         if self.model_control_mode not in CONTROL_MODES:
             raise InvalidArgument(
                 f"model control mode '{self.model_control_mode}' is not one of {', '.join(CONTROL_MODES)}"
@@ -215,8 +220,73 @@ def parse_worker_environment(text: str) -> tuple[str, str]:
     return name, python
 
 
-def load_settings(path: str | None, overrides: dict[str, Any]) -> ServerSettings:
-    """Settings from an optional YAML file, with ``overrides`` (non-None values) on top."""
+ENV_PREFIX = "DL_INFERENCE_"
+# DL_INFERENCE_* variables that are not settings: the processes' own (worker/frontend identity and tokens),
+# the conversion cache, the event loop choice, the images' and compose file's, the tests' sample path.
+NOT_SETTINGS_ENV = frozenset(
+    {"WORKER", "FRONTEND", "FRONTEND_TOKEN", "WORKER_TOKEN", "CACHE_DIR", "LOOP", "TAG", "HEALTHCHECK",
+     "HEALTHCHECK_TIMEOUT_S", "CAFFE_SAMPLES"}
+)  # fmt: skip
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def settings_from_env(environ: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]:
+    """The settings given as ``DL_INFERENCE_<SETTING>`` variables (``DL_INFERENCE_HTTP_PORT=9000``,
+    ``DL_INFERENCE_LOAD_MODELS=a,b``, ``DL_INFERENCE_BALANCER='{policy: least_request}'``), typed like the
+    setting's default; and warnings for DL_INFERENCE_* names that are no setting. InvalidArgument names
+    the variable whose value does not fit."""
+    fields = {f.name: f for f in dataclasses.fields(ServerSettings)}
+    values: dict[str, Any] = {}
+    warnings: list[str] = []
+    for key in sorted(environ):
+        if not key.startswith(ENV_PREFIX):
+            continue
+        suffix = key[len(ENV_PREFIX) :]
+        name = suffix.lower()
+        if name not in fields:
+            if suffix not in NOT_SETTINGS_ENV:
+                warnings.append(f"environment variable {key} is not a server setting; ignored")
+            continue
+        f = fields[name]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        values[name] = _typed(key, environ[key], default)
+    return values, warnings
+
+
+def _typed(key: str, raw: str, default: Any) -> Any:
+    text = raw.strip()
+    try:
+        if isinstance(default, bool):
+            if text.lower() in _TRUE + _FALSE:
+                return text.lower() in _TRUE
+            raise ValueError("expected true or false")
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            return float(text)
+        if isinstance(default, list):
+            if text.startswith("["):
+                value = yaml.safe_load(text)
+                if not isinstance(value, list):
+                    raise ValueError("expected a list")
+                return value
+            return [item.strip() for item in text.split(",") if item.strip()]
+        if isinstance(default, dict):
+            value = yaml.safe_load(text) if text else {}
+            if not isinstance(value, dict):
+                raise ValueError("expected a mapping, e.g. '{key: value}'")
+            return value
+    except (ValueError, yaml.YAMLError) as exc:
+        kind = type(default).__name__
+        raise InvalidArgument(f"environment variable {key}={raw!r}: not a valid {kind} ({exc})") from None
+    return raw
+
+
+def load_settings(
+    path: str | None, overrides: dict[str, Any], environ: Mapping[str, str] | None = None
+) -> ServerSettings:
+    """Settings from an optional YAML file, then ``DL_INFERENCE_<SETTING>`` environment variables
+    (``environ``, default ``os.environ``), then ``overrides`` (non-None values: the flags) on top."""
     values: dict[str, Any] = {}
     if path:
         try:
@@ -231,6 +301,10 @@ def load_settings(path: str | None, overrides: dict[str, Any]) -> ServerSettings
         if unknown:
             raise InvalidArgument(f"server config {path}: unknown setting(s) {', '.join(unknown)}")
         values.update(data)
+    from_env, warnings = settings_from_env(os.environ if environ is None else environ)
+    for warning in warnings:
+        logging.getLogger(__name__).warning("%s", warning)
+    values.update(from_env)
     values.update({k: v for k, v in overrides.items() if v is not None})
     settings = ServerSettings(**values)
     settings.validate()

@@ -4,6 +4,7 @@ start stops the server (``--exit-on-error``), readiness waits for every model (`
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 import urllib.error
@@ -108,3 +109,18 @@ def test_disable_auto_complete_config_takes_configs_as_written(tmp_path: Path, e
     # Without the flag the same repository loads all three (the server completes their configs).
     with run_server(repo, tmp_path / "auto.log") as srv:
         assert status(srv, "/v2/models/bare/ready") == 200 and status(srv, "/v2/models/nobatch/ready") == 200
+
+
+def test_json_logs_from_every_process(tmp_path: Path, examples: Path) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(examples / "simple", repo / "simple")
+    with run_server(repo, tmp_path / "server.log", "--log-format", "json", "--frontends", "2") as srv:
+        assert infer_simple(srv).shape == (1, 4)
+        time.sleep(0.5)
+        log = srv.log()
+    ours = [line for line in log.splitlines() if line.startswith("{")]
+    entries = [json.loads(line) for line in ours]
+    assert all({"time", "level", "process", "logger", "message"} <= set(e) for e in entries)
+    processes = {e["process"] for e in entries}
+    assert {"gateway", "frontend 1", "worker simple:1#0"} <= processes, processes
+    assert not [line for line in log.splitlines() if " INFO [" in line]  # no process kept the text format
