@@ -23,15 +23,19 @@ may give ``torch.Tensor`` s instead of numpy arrays: one already on the instance
 in place (cast there to the precision), so GPU-side preprocessing costs no host round trip.
 
 Config parameters: ``precision`` fp32|fp16|bf16 (module and float inputs cast; outputs cast back to
-the config datatype); ``compile`` off|default|reduce-overhead|max-autotune (``torch.compile`` mode;
-reduce-overhead uses CUDA graphs); ``compile_batch_sizes`` "1,8,32": batches are padded up to the
-next of these sizes (and larger ones run in chunks of the largest), and each size is warmed up
-before the model is ready, so requests never wait for a compile; ``intra_op_threads`` (CPU, default
-1 per instance, as for ONNX Runtime). ``instance_group`` KIND_GPU places the instance on its GPU.
+the config datatype; on a CPU without native support for it, e.g. bf16 without AVX-512 BF16 or AMX, the
+worker logs that it is emulated); ``channels_last`` true|false (default false: 4-D weights and inputs
+in NHWC order, oneDNN's fast layout for convolutions on CPU); ``compile``
+off|default|reduce-overhead|max-autotune (``torch.compile`` mode; reduce-overhead uses CUDA graphs);
+``compile_batch_sizes`` "1,8,32": batches are padded up to the next of these sizes (and larger ones
+run in chunks of the largest), and each size is warmed up before the model is ready, so requests
+never wait for a compile; ``intra_op_threads`` (CPU, default 1 per instance, as for ONNX Runtime).
+``instance_group`` KIND_GPU places the instance on its GPU.
 """
 
 from __future__ import annotations
 
+import functools
 import gc
 import importlib.util
 import logging
@@ -137,6 +141,40 @@ def _is_aoti_package(path: Path) -> bool:
         return False
 
 
+# CPU flags (/proc/cpuinfo) that make a reduced precision native rather than emulated.
+NATIVE_FLAGS = {"bf16": "avx512_bf16 or amx_bf16", "fp16": "avx512_fp16 or amx_fp16"}
+
+
+@functools.cache
+def _cpuinfo() -> tuple[str, frozenset[str]]:
+    model, flags = "unknown CPU", frozenset[str]()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown CPU":
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = frozenset(value.split())
+    except OSError:
+        pass
+    return model, flags
+
+
+def cpu_model() -> str:
+    return _cpuinfo()[0]
+
+
+def cpu_native_precisions() -> set[str]:
+    """Reduced precisions this CPU computes natively (by its flags): a subset of {"bf16", "fp16"}."""
+    flags = _cpuinfo()[1]
+    native = set()
+    if flags & {"avx512_bf16", "amx_bf16"}:
+        native.add("bf16")
+    if flags & {"avx512_fp16", "amx_fp16"}:
+        native.add("fp16")
+    return native
+
+
 class PyTorchBackend(Backend):
     name = "pytorch"
 
@@ -144,6 +182,7 @@ class PyTorchBackend(Backend):
         self.module: Any = None
         self.device = torch.device("cpu")
         self.dtype = torch.float32
+        self.channels_last = False
         self.program_signature: tuple[dict[str, ModelTensor], dict[str, ModelTensor]] | None = None
         self.inputs: list[tuple[str, torch.dtype]] = []
         self.outputs: list[tuple[str, np.dtype]] = []
@@ -184,6 +223,16 @@ class PyTorchBackend(Backend):
                 f"model '{name}': parameter 'precision' must be fp32, fp16 or bf16, got '{precision}'"
             )
         self.dtype = PRECISIONS[precision]
+        if self.device.type == "cpu" and precision != "fp32":
+            native = cpu_native_precisions()
+            if precision not in native:
+                log.warning(
+                    "model '%s': precision %s on this CPU (%s) is emulated, not native (native: %s; %s needs %s): "
+                    "expect it slower than fp32",
+                    name, precision, cpu_model(), ", ".join(sorted(native)) or "fp32 only", precision,
+                    NATIVE_FLAGS[precision],
+                )  # fmt: skip
+        self.channels_last = parameter_bool(config, "channels_last", False)
         mode = (get_parameter(config, "compile") or "off").lower()
         if mode not in COMPILE_MODES:
             raise InvalidArgument(
@@ -212,6 +261,8 @@ class PyTorchBackend(Backend):
             module = module.to(self.device)
             if self.dtype != torch.float32:
                 module = module.to(self.dtype)
+            if self.channels_last:  # 4-D weights and inputs in NHWC order: oneDNN's fast path on CPU
+                module = module.to(memory_format=torch.channels_last)
             if mode != "off":
                 _allow_recompiles(len(self.buckets) + 1)
                 module = torch.compile(module, mode=None if mode == "default" else mode, dynamic=False)
@@ -418,6 +469,8 @@ class PyTorchBackend(Backend):
         return host.to(self.device, non_blocking=True).to(dtype)
 
     def _run(self, tensors: list[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+        if self.channels_last:
+            tensors = [t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in tensors]
         out = self.module(*tensors)
         if isinstance(out, torch.Tensor):
             items: list[tuple[str, Any]] = [(self.outputs[0][0] if self.outputs else "output__0", out)]

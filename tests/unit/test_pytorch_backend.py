@@ -255,3 +255,66 @@ def test_a_model_without_tensor_names_and_no_config_fails_the_load_saying_what_t
     torch.jit.script(net).save(str(tmp_path / "ts" / "1" / "model.pt"))
     with pytest.raises(InvalidArgument, match=r"model 'ts': no inputs and outputs.*list every input and output"):
         load_model_version(tmp_path, "ts", None)
+
+
+@pytest.mark.parametrize(
+    ("flags", "precision", "warned"),
+    [
+        (frozenset({"avx2"}), "bf16", True),
+        (frozenset({"avx2", "avx512_bf16"}), "bf16", False),
+        (frozenset({"amx_bf16"}), "fp16", True),
+        (frozenset({"avx2"}), "fp32", False),
+    ],
+)
+def test_reduced_precision_on_a_cpu_without_it_says_it_is_emulated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    flags: frozenset[str], precision: str, warned: bool,
+) -> None:  # fmt: skip
+    from dl_inference.backends import pytorch_backend
+
+    monkeypatch.setattr(pytorch_backend, "_cpuinfo", lambda: ("Test CPU 9000", flags))
+    _write_model_py(tmp_path / "1", _net(), "safetensors")
+    with caplog.at_level("WARNING"):
+        _load(tmp_path / "1", f'parameters {{ key: "precision" value {{ string_value: "{precision}" }} }}')
+    messages = [r.getMessage() for r in caplog.records if "is emulated" in r.getMessage()]
+    assert bool(messages) == warned, messages
+    if warned:
+        assert f"precision {precision} on this CPU (Test CPU 9000)" in messages[0] and "slower than fp32" in messages[0]
+
+
+CONV_PY = """
+import torch
+
+
+def create_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 2, 1))
+"""
+CONV_CONFIG = """
+name: "conv"
+backend: "pytorch"
+max_batch_size: 4
+input [ { name: "image" data_type: TYPE_FP32 dims: [3, 16, 16] } ]
+output [ { name: "output__0" data_type: TYPE_FP32 dims: [2, 16, 16] } ]
+"""
+
+
+def test_channels_last_gives_the_same_answers(tmp_path: Path) -> None:
+    version = tmp_path / "1"
+    version.mkdir()
+    (version / "model.py").write_text(CONV_PY)
+    x = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    results = {}
+    for layout in ("false", "true"):
+        backend = get_backend("pytorch")
+        config = parse_pbtxt(
+            CONV_CONFIG + f'parameters {{ key: "channels_last" value {{ string_value: "{layout}" }} }}'
+        )
+        backend.load(version, config)
+        assert backend.channels_last is (layout == "true")  # type: ignore[attr-defined]
+        if layout == "true":
+            weight = next(backend.module.parameters())  # type: ignore[attr-defined]
+            assert weight.is_contiguous(memory_format=torch.channels_last)
+        results[layout] = backend.infer({"image": x}, [])["output__0"]
+    assert results["true"].shape == (2, 2, 16, 16)
+    np.testing.assert_allclose(results["true"], results["false"], rtol=1e-5, atol=1e-5)
