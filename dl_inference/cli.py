@@ -54,12 +54,12 @@ LOG_FORMATS = ("text", "json")
 
 def _bool(text: str) -> bool:
     """Triton's boolean flag values: true/false, 1/0, yes/no, on/off."""
-    lowered = text.strip().lower()
-    if lowered in ("true", "1", "yes", "on"):
-        return True
-    if lowered in ("false", "0", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    from dl_inference.config import parse_bool
+
+    try:
+        return parse_bool(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _parser() -> argparse.ArgumentParser:

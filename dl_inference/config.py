@@ -230,6 +230,14 @@ NOT_SETTINGS_ENV = frozenset(
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
+def parse_bool(text: str) -> bool:
+    """Triton's boolean values: true/false, 1/0, yes/no, on/off (any case); ValueError otherwise."""
+    lowered = text.strip().lower()
+    if lowered in _TRUE + _FALSE:
+        return lowered in _TRUE
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
 def settings_from_env(environ: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]:
     """The settings given as ``DL_INFERENCE_<SETTING>`` variables (``DL_INFERENCE_HTTP_PORT=9000``,
     ``DL_INFERENCE_LOAD_MODELS=a,b``, ``DL_INFERENCE_BALANCER='{policy: least_request}'``), typed like the
@@ -257,9 +265,7 @@ def _typed(key: str, raw: str, default: Any) -> Any:
     text = raw.strip()
     try:
         if isinstance(default, bool):
-            if text.lower() in _TRUE + _FALSE:
-                return text.lower() in _TRUE
-            raise ValueError("expected true or false")
+            return parse_bool(text)
         if isinstance(default, int):
             return int(text)
         if isinstance(default, float):

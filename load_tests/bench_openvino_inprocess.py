@@ -34,15 +34,9 @@ FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8"
 
 
 def cpu_info() -> dict[str, Any]:
-    model, flags = "?", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model == "?":
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
+    from dl_inference.cpu_features import cpu_info as model_and_flags
+
+    model, flags = model_and_flags()
     return {"model": model, "flags": [f for f in FLAGS if f in flags], "cpus": len(os.sched_getaffinity(0))}
 
 

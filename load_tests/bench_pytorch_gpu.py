@@ -542,8 +542,7 @@ def measure(
 ) -> dict[str, Any]:
     """One loadgen run (gRPC, ``request_batch`` images per request; ``input_data``: the rows to send,
     cycled, instead of random tensors) with the stats delta around it as ``server_stats``."""
-    connections = getattr(args, "connections", 1)  # benches that share this function may not have them
-    processes = getattr(args, "client_processes", 1)
+    connections, processes = args.connections, args.client_processes
     cfg = LoadConfig(
         url=server.grpc_url,
         protocol="grpc",

@@ -203,15 +203,13 @@ def format_ratios(rows: list[dict[str, Any]]) -> str:
 
 
 def cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = line.split(":", 1)[1].split()
-                wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
-                return " ".join(f for f in wanted if f in flags) or "no AVX2"
-    except OSError:
-        pass
-    return "unknown"
+    from dl_inference.cpu_features import cpu_info
+
+    flags = cpu_info()[1]
+    if not flags:
+        return "unknown"
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+    return " ".join(f for f in wanted if f in flags) or "no AVX2"
 
 
 def bench(args: argparse.Namespace, workdir: Path, say: Output) -> dict[str, Any]:
@@ -319,6 +317,7 @@ def _list(kind: type, allowed: tuple[str, ...] | None = None):  # type: ignore[n
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m load_tests.bench_tensorflow_cpu", description=__doc__.split("\n")[0])
     p.add_argument("--variants", type=_list(str, VARIANTS), default=list(VARIANTS))
+    p.set_defaults(connections=1, client_processes=1)  # bench_pytorch_gpu.measure's: one client, one connection
     p.add_argument("--request-batches", type=_list(int), default=[1, 8], help="images per request (default 1,8)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="intra-op threads per model")
     p.add_argument("--rounds", type=int, default=3)

@@ -35,7 +35,6 @@ never wait for a compile; ``intra_op_threads`` (CPU, default 1 per instance, as 
 
 from __future__ import annotations
 
-import functools
 import gc
 import importlib.util
 import logging
@@ -51,6 +50,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dl_inference import cpu_features
 from dl_inference.backends.base import Backend, get_parameter, parameter_bool, parameter_int
 from dl_inference.backends.tensor_specs import ModelTensor, complete_io
 from dl_inference.errors import Code, InternalError, InvalidArgument, ServerError
@@ -141,40 +141,6 @@ def _is_aoti_package(path: Path) -> bool:
         return False
 
 
-# CPU flags (/proc/cpuinfo) that make a reduced precision native rather than emulated.
-NATIVE_FLAGS = {"bf16": "avx512_bf16 or amx_bf16", "fp16": "avx512_fp16 or amx_fp16"}
-
-
-@functools.cache
-def _cpuinfo() -> tuple[str, frozenset[str]]:
-    model, flags = "unknown CPU", frozenset[str]()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model == "unknown CPU":
-                model = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = frozenset(value.split())
-    except OSError:
-        pass
-    return model, flags
-
-
-def cpu_model() -> str:
-    return _cpuinfo()[0]
-
-
-def cpu_native_precisions() -> set[str]:
-    """Reduced precisions this CPU computes natively (by its flags): a subset of {"bf16", "fp16"}."""
-    flags = _cpuinfo()[1]
-    native = set()
-    if flags & {"avx512_bf16", "amx_bf16"}:
-        native.add("bf16")
-    if flags & {"avx512_fp16", "amx_fp16"}:
-        native.add("fp16")
-    return native
-
-
 class PyTorchBackend(Backend):
     name = "pytorch"
 
@@ -224,13 +190,13 @@ class PyTorchBackend(Backend):
             )
         self.dtype = PRECISIONS[precision]
         if self.device.type == "cpu" and precision != "fp32":
-            native = cpu_native_precisions()
+            native = cpu_features.native_precisions()
             if precision not in native:
                 log.warning(
                     "model '%s': precision %s on this CPU (%s) is emulated, not native (native: %s; %s needs %s): "
                     "expect it slower than fp32",
-                    name, precision, cpu_model(), ", ".join(sorted(native)) or "fp32 only", precision,
-                    NATIVE_FLAGS[precision],
+                    name, precision, cpu_features.cpu_info()[0], ", ".join(sorted(native)) or "fp32 only", precision,
+                    cpu_features.NATIVE_FLAGS[precision],
                 )  # fmt: skip
         self.channels_last = parameter_bool(config, "channels_last", False)
         mode = (get_parameter(config, "compile") or "off").lower()

@@ -92,28 +92,18 @@ class RoutingDataPlane(DataPlane):
         self.advance(Phase.CLOSED)
         for task in list(self._tasks):
             task.cancel()
+        await self._stop_models()
         await self.balancer.close()
+
+    async def _stop_models(self) -> None:
+        """Stop what serves this process's models (a frontend's connections close with it)."""
 
     def ready(self) -> bool:
         return self.phase is Phase.SERVING and self.models_ready()
 
-    def readiness_failures(self) -> set[str]:
-        """Models whose failed load keeps a strictly ready server not ready."""
-        return set(self.load_errors)
-
     def models_ready(self) -> bool:
-        """Every model this server holds has a ready version (or, with none, a remote node serves), and
-        none failed to load; always true without strict readiness."""
-        if not self.settings.strict_readiness:
-            return True
-        if self.readiness_failures():
-            return False
-        if not self.models:
-            if self.balancer.nodes:
-                now = self.balancer.clock.now()
-                return any(n.available(now) and n.models for n in self.balancer.nodes.values())
-            return self.settings.model_control_mode == "explicit"
-        return all(m.latest_ready() is not None for m in self.models.values())
+        """Whether the models let this server be ready (the subclass knows which models count)."""
+        raise NotImplementedError
 
     # -- routing --------------------------------------------------------------------------------
     def model_ready(self, name: str, version: str) -> bool:
@@ -332,9 +322,21 @@ class GatewayDataPlane(RoutingDataPlane):
         self.shared_memory = SharedMemoryRegistry(own_pids=self._worker_pids)
         self.shared_memory.on_forget = self._forget_regions
 
-    def readiness_failures(self) -> set[str]:
-        # Not those a caller of the load API was told about, nor those whose previous files still serve.
-        return set(self.load_errors) - self.lifecycle.api_failures - set(self.models)
+    def models_ready(self) -> bool:
+        """Every model this server holds has a ready version (or, with none, a remote node serves), and
+        none failed to load; always true without strict readiness."""
+        if not self.settings.strict_readiness:
+            return True
+        # Failed loads count, but not those a caller of the load API was told about, nor those whose
+        # previous files still serve.
+        if set(self.load_errors) - self.lifecycle.api_failures - set(self.models):
+            return False
+        if not self.models:
+            if self.balancer.nodes:
+                now = self.balancer.clock.now()
+                return any(n.available(now) and n.models for n in self.balancer.nodes.values())
+            return self.settings.model_control_mode == "explicit"
+        return all(m.latest_ready() is not None for m in self.models.values())
 
     async def start(self) -> None:
         await self.pool.start()
@@ -351,12 +353,8 @@ class GatewayDataPlane(RoutingDataPlane):
             self._spawn_task(self._sweep_loop(self.settings.shared_memory_sweep_s))
         log.info("ready: %s", ", ".join(sorted(self.models)) or "no models")
 
-    async def close(self) -> None:
-        self.advance(Phase.CLOSED)
-        for task in list(self._tasks):
-            task.cancel()
+    async def _stop_models(self) -> None:
         await self.lifecycle.close()
-        await self.balancer.close()
 
     # -- repository API -------------------------------------------------------------------------
     async def load_model(self, name: str, parameters: Mapping[str, object]) -> None:

@@ -270,9 +270,9 @@ def test_reduced_precision_on_a_cpu_without_it_says_it_is_emulated(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
     flags: frozenset[str], precision: str, warned: bool,
 ) -> None:  # fmt: skip
-    from dl_inference.backends import pytorch_backend
+    from dl_inference import cpu_features
 
-    monkeypatch.setattr(pytorch_backend, "_cpuinfo", lambda: ("Test CPU 9000", flags))
+    monkeypatch.setattr(cpu_features, "cpu_info", lambda: ("Test CPU 9000", flags))
     _write_model_py(tmp_path / "1", _net(), "safetensors")
     with caplog.at_level("WARNING"):
         _load(tmp_path / "1", f'parameters {{ key: "precision" value {{ string_value: "{precision}" }} }}')
